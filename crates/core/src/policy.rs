@@ -1,1 +1,999 @@
-//! TODO: being written
+//! Egress policy: what a bottle may send out, as plain data, and the pure matcher the
+//! gateway asks for every request.
+//!
+//! The policy is default deny: a request that no rule allows is blocked, and an empty rule
+//! list blocks everything. Rules are a union, so their order never changes a decision; the
+//! first allowing rule is only reported as the reason.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The `egress:` section of a bottle manifest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressPolicy {
+    /// What the audit log records. `None` means "not set here", so that composing
+    /// bottles lets a later bottle that says nothing keep an earlier one's level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditLevel>,
+    #[serde(default)]
+    pub rules: Vec<EgressRule>,
+}
+
+/// How much of the traffic the audit log records. Blocks, DLP findings, placeholder
+/// misuse, passthrough tunnels and policy updates are always recorded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditLevel {
+    #[default]
+    Blocks,
+    All,
+}
+
+/// One allow rule. Fields left out mean "any" (ports: 80 and 443).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressRule {
+    /// An exact host name, or `*.suffix` for any subdomain of `suffix` (not `suffix` itself).
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Path globs: `*` matches any run of characters (including `/`), `?` one character.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// Tunnel TLS without interception, for pinned or mTLS clients. The decision is by
+    /// host and port only, and no body is inspected, so methods, paths and git rules are
+    /// rejected beside it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub passthrough: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dangerously_allow_private_upstreams: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<GitRule>,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+/// Git smart-HTTP access to one repository, fetch and push decided separately.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitRule {
+    /// `owner/name`, matched case-insensitively (as Gitea and GitHub do), with or without
+    /// a trailing `.git` in the request path.
+    pub repo: String,
+    #[serde(default = "default_true")]
+    pub fetch: bool,
+    #[serde(default)]
+    pub push: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// What the gateway knows about one request when it asks the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestFacts<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub method: &'a str,
+    /// The path without the query, e.g. `/v1/messages`.
+    pub path: &'a str,
+    /// The raw query string without `?`, if any.
+    pub query: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    Block,
+}
+
+/// Why a decision came out as it did; the kebab-case name is what the gateway puts in its
+/// `x-bot-bottle-block` header and the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    AllowedByRule,
+    AllowedPassthrough,
+    NotInAllowlist,
+    PortNotAllowed,
+    MethodNotAllowed,
+    PathNotAllowed,
+    GitRepoNotAllowed,
+    GitFetchNotAllowed,
+    GitPushNotAllowed,
+}
+
+impl Reason {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::AllowedByRule => "allowed-by-rule",
+            Reason::AllowedPassthrough => "allowed-passthrough",
+            Reason::NotInAllowlist => "not-in-allowlist",
+            Reason::PortNotAllowed => "port-not-allowed",
+            Reason::MethodNotAllowed => "method-not-allowed",
+            Reason::PathNotAllowed => "path-not-allowed",
+            Reason::GitRepoNotAllowed => "git-repo-not-allowed",
+            Reason::GitFetchNotAllowed => "git-fetch-not-allowed",
+            Reason::GitPushNotAllowed => "git-push-not-allowed",
+        }
+    }
+
+    /// How close a non-matching rule came: the block reports the closest miss, so the
+    /// agent learns "push not allowed" rather than "not in allowlist".
+    fn specificity(self) -> u8 {
+        match self {
+            Reason::AllowedByRule | Reason::AllowedPassthrough => 9,
+            Reason::NotInAllowlist => 0,
+            Reason::PortNotAllowed => 1,
+            Reason::MethodNotAllowed => 2,
+            Reason::PathNotAllowed | Reason::GitRepoNotAllowed => 3,
+            Reason::GitFetchNotAllowed | Reason::GitPushNotAllowed => 4,
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// Index into `EgressPolicy::rules` of the allowing rule, or of the closest miss.
+    pub rule: Option<usize>,
+    pub reason: Reason,
+}
+
+impl Decision {
+    #[must_use]
+    pub fn is_allow(&self) -> bool {
+        self.verdict == Verdict::Allow
+    }
+
+    fn block(reason: Reason, rule: Option<usize>) -> Self {
+        Decision {
+            verdict: Verdict::Block,
+            rule,
+            reason,
+        }
+    }
+}
+
+/// The host-level answer for a CONNECT: may a tunnel to `host:port` be opened at all,
+/// and is it to be intercepted or passed through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectDecision {
+    pub verdict: Verdict,
+    pub rule: Option<usize>,
+    pub reason: Reason,
+    /// True when the allowing rule is `passthrough` (and no intercepting rule also
+    /// allows the host, in which case interception wins: it keeps L7 checks).
+    pub passthrough: bool,
+}
+
+impl ConnectDecision {
+    #[must_use]
+    pub fn is_allow(&self) -> bool {
+        self.verdict == Verdict::Allow
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error(
+        "egress rule {index}: host is empty\nhint: set `host: api.example.com` or `host: \"*.example.com\"`"
+    )]
+    EmptyHost { index: usize },
+    #[error(
+        "egress rule {index}: host `{host}` is not a bare host name\nhint: write only the name, e.g. `api.example.com` or `*.example.com`; use `port:` for the port"
+    )]
+    BadHost { index: usize, host: String },
+    #[error("egress rule {index}: port 0 is not a valid port")]
+    BadPort { index: usize },
+    #[error("egress rule {index}: method `{method}` is not an HTTP method token")]
+    BadMethod { index: usize, method: String },
+    #[error("egress rule {index}: path glob `{glob}` must start with `/` or be `*`")]
+    BadGlob { index: usize, glob: String },
+    #[error("egress rule {index}: git repo `{repo}` is not `owner/name`")]
+    BadGitRepo { index: usize, repo: String },
+    #[error("egress rule {index}: `{field}` cannot be combined with `{other}`\nhint: {hint}")]
+    Conflict {
+        index: usize,
+        field: &'static str,
+        other: &'static str,
+        hint: &'static str,
+    },
+}
+
+impl EgressPolicy {
+    /// The audit level in force (`blocks` unless some bottle set it).
+    #[must_use]
+    pub fn audit_level(&self) -> AuditLevel {
+        self.audit.unwrap_or_default()
+    }
+
+    /// Composes a later bottle's policy onto this one: rules are a union (exact
+    /// duplicates are dropped), and a later `audit:` wins.
+    pub fn merge(&mut self, other: EgressPolicy) {
+        if other.audit.is_some() {
+            self.audit = other.audit;
+        }
+        for rule in other.rules {
+            if !self.rules.contains(&rule) {
+                self.rules.push(rule);
+            }
+        }
+    }
+
+    /// Checks every rule; the gateway refuses to start on an invalid policy.
+    ///
+    /// # Errors
+    /// The first invalid rule, by index.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        for (index, rule) in self.rules.iter().enumerate() {
+            rule.validate(index)?;
+        }
+        Ok(())
+    }
+
+    /// Decides one HTTP request (absolute-form, or one inside an intercepted tunnel).
+    #[must_use]
+    pub fn decide(&self, facts: &RequestFacts<'_>) -> Decision {
+        let mut best = Decision::block(Reason::NotInAllowlist, None);
+        for (index, rule) in self.rules.iter().enumerate() {
+            if rule.passthrough {
+                // Passthrough rules never see a request: the tunnel carries opaque TLS.
+                continue;
+            }
+            match rule.check(facts) {
+                Ok(()) => {
+                    return Decision {
+                        verdict: Verdict::Allow,
+                        rule: Some(index),
+                        reason: Reason::AllowedByRule,
+                    };
+                }
+                Err(reason) if reason.specificity() > best.reason.specificity() => {
+                    best = Decision::block(reason, Some(index));
+                }
+                Err(_) => {}
+            }
+        }
+        best
+    }
+
+    /// Decides a CONNECT by host and port only. Requests inside an intercepted tunnel are
+    /// decided again, one by one, with [`EgressPolicy::decide`].
+    #[must_use]
+    pub fn decide_connect(&self, host: &str, port: u16) -> ConnectDecision {
+        let mut passthrough = None;
+        let mut best = (Reason::NotInAllowlist, None);
+        for (index, rule) in self.rules.iter().enumerate() {
+            if !host_matches(&rule.host, host) {
+                continue;
+            }
+            if !rule.port_matches(port) {
+                if Reason::PortNotAllowed.specificity() > best.0.specificity() {
+                    best = (Reason::PortNotAllowed, Some(index));
+                }
+                continue;
+            }
+            if rule.passthrough {
+                passthrough.get_or_insert(index);
+            } else {
+                return ConnectDecision {
+                    verdict: Verdict::Allow,
+                    rule: Some(index),
+                    reason: Reason::AllowedByRule,
+                    passthrough: false,
+                };
+            }
+        }
+        match passthrough {
+            Some(index) => ConnectDecision {
+                verdict: Verdict::Allow,
+                rule: Some(index),
+                reason: Reason::AllowedPassthrough,
+                passthrough: true,
+            },
+            None => ConnectDecision {
+                verdict: Verdict::Block,
+                rule: best.1,
+                reason: best.0,
+                passthrough: false,
+            },
+        }
+    }
+
+    /// Whether some rule naming `host` sets `dangerously_allow_private_upstreams`.
+    #[must_use]
+    pub fn allows_private_upstream(&self, host: &str) -> bool {
+        self.rules
+            .iter()
+            .any(|rule| rule.dangerously_allow_private_upstreams && host_matches(&rule.host, host))
+    }
+}
+
+impl EgressRule {
+    /// A rule allowing any request to `host` on the default ports.
+    #[must_use]
+    pub fn host(host: impl Into<String>) -> Self {
+        EgressRule {
+            host: host.into(),
+            ..EgressRule::default()
+        }
+    }
+
+    fn validate(&self, index: usize) -> Result<(), PolicyError> {
+        let host = self.host.as_str();
+        if host.is_empty() {
+            return Err(PolicyError::EmptyHost { index });
+        }
+        let name = host.strip_prefix("*.").unwrap_or(host);
+        let name_ok = !name.is_empty()
+            && !name.starts_with('.')
+            && !name.ends_with('.')
+            && !name.contains("..")
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        // An IPv6 literal is allowed in brackets-free form, e.g. `::1`.
+        let ipv6_ok = name.parse::<std::net::Ipv6Addr>().is_ok() && !host.starts_with("*.");
+        if !name_ok && !ipv6_ok {
+            return Err(PolicyError::BadHost {
+                index,
+                host: self.host.clone(),
+            });
+        }
+        if self.port == Some(0) {
+            return Err(PolicyError::BadPort { index });
+        }
+        for method in &self.methods {
+            let token_ok = !method.is_empty()
+                && method
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token_ok {
+                return Err(PolicyError::BadMethod {
+                    index,
+                    method: method.clone(),
+                });
+            }
+        }
+        for glob in &self.paths {
+            if !(glob.starts_with('/') || glob == "*") {
+                return Err(PolicyError::BadGlob {
+                    index,
+                    glob: glob.clone(),
+                });
+            }
+        }
+        if let Some(git) = &self.git {
+            let parts: Vec<&str> = git.repo.split('/').collect();
+            let ok = parts.len() == 2
+                && parts.iter().all(|part| {
+                    !part.is_empty()
+                        && *part != "."
+                        && *part != ".."
+                        && part
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                });
+            if !ok {
+                return Err(PolicyError::BadGitRepo {
+                    index,
+                    repo: git.repo.clone(),
+                });
+            }
+            if !self.paths.is_empty() || !self.methods.is_empty() {
+                return Err(PolicyError::Conflict {
+                    index,
+                    field: "git",
+                    other: if self.paths.is_empty() {
+                        "methods"
+                    } else {
+                        "paths"
+                    },
+                    hint: "a git rule chooses its own smart-HTTP paths; put other paths in a separate rule",
+                });
+            }
+        }
+        if self.passthrough {
+            let other = if !self.methods.is_empty() {
+                Some("methods")
+            } else if !self.paths.is_empty() {
+                Some("paths")
+            } else if self.git.is_some() {
+                Some("git")
+            } else {
+                None
+            };
+            if let Some(other) = other {
+                return Err(PolicyError::Conflict {
+                    index,
+                    field: "passthrough",
+                    other,
+                    hint: "a passthrough tunnel is not inspected, so it is decided by host and port only",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn port_matches(&self, port: u16) -> bool {
+        match self.port {
+            Some(p) => p == port,
+            None => port == 80 || port == 443,
+        }
+    }
+
+    fn check(&self, facts: &RequestFacts<'_>) -> Result<(), Reason> {
+        if !host_matches(&self.host, facts.host) {
+            return Err(Reason::NotInAllowlist);
+        }
+        if !self.port_matches(facts.port) {
+            return Err(Reason::PortNotAllowed);
+        }
+        if let Some(git) = &self.git {
+            return git.check(facts);
+        }
+        if !self.methods.is_empty()
+            && !self
+                .methods
+                .iter()
+                .any(|m| m.eq_ignore_ascii_case(facts.method))
+        {
+            return Err(Reason::MethodNotAllowed);
+        }
+        if !self.paths.is_empty() && !self.paths.iter().any(|g| glob_matches(g, facts.path)) {
+            return Err(Reason::PathNotAllowed);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GitService {
+    Fetch,
+    Push,
+}
+
+impl GitRule {
+    fn check(&self, facts: &RequestFacts<'_>) -> Result<(), Reason> {
+        let Some((repo, service)) = git_request(facts) else {
+            return Err(Reason::PathNotAllowed);
+        };
+        if !repo_matches(&self.repo, repo) {
+            return Err(Reason::GitRepoNotAllowed);
+        }
+        match service {
+            GitService::Fetch if self.fetch => Ok(()),
+            GitService::Fetch => Err(Reason::GitFetchNotAllowed),
+            GitService::Push if self.push => Ok(()),
+            GitService::Push => Err(Reason::GitPushNotAllowed),
+        }
+    }
+}
+
+fn repo_matches(rule_repo: &str, request_repo: &str) -> bool {
+    let request_repo = request_repo.strip_suffix(".git").unwrap_or(request_repo);
+    let rule_repo = rule_repo.strip_suffix(".git").unwrap_or(rule_repo);
+    rule_repo.eq_ignore_ascii_case(request_repo)
+}
+
+/// Recognises the smart-HTTP protocol's three endpoints. Anything else under a repo
+/// (the dumb protocol, LFS, the web UI) is not git access and needs an ordinary rule.
+fn git_request<'a>(facts: &RequestFacts<'a>) -> Option<(&'a str, GitService)> {
+    let path = facts.path.strip_prefix('/')?;
+    let service_of = |name: &str| match name {
+        "git-upload-pack" => Some(GitService::Fetch),
+        "git-receive-pack" => Some(GitService::Push),
+        _ => None,
+    };
+    if let Some(repo) = path.strip_suffix("/info/refs") {
+        if !(facts.method.eq_ignore_ascii_case("GET") || facts.method.eq_ignore_ascii_case("HEAD"))
+        {
+            return None;
+        }
+        let mut service = None;
+        for pair in facts.query.unwrap_or("").split('&') {
+            if let Some(value) = pair.strip_prefix("service=") {
+                // Two `service=` values could be read differently by the origin; refuse.
+                if service.is_some() {
+                    return None;
+                }
+                service = Some(service_of(value)?);
+            }
+        }
+        return Some((valid_repo_path(repo)?, service?));
+    }
+    if !facts.method.eq_ignore_ascii_case("POST") {
+        return None;
+    }
+    let (repo, endpoint) = path.rsplit_once('/')?;
+    Some((valid_repo_path(repo)?, service_of(endpoint)?))
+}
+
+fn valid_repo_path(repo: &str) -> Option<&str> {
+    let parts: Vec<&str> = repo.split('/').collect();
+    let ok = parts.len() == 2
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && *p != "." && *p != ".." && !p.contains('%'));
+    ok.then_some(repo)
+}
+
+/// `pattern` is `name` or `*.suffix`; comparison ignores ASCII case and a trailing dot.
+#[must_use]
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if let Some(suffix) = pattern.strip_prefix("*.") {
+        let Some(head_len) = host.len().checked_sub(suffix.len() + 1) else {
+            return false;
+        };
+        host.is_char_boundary(head_len)
+            && head_len > 0
+            && host.as_bytes()[head_len] == b'.'
+            && host[head_len + 1..].eq_ignore_ascii_case(suffix)
+    } else {
+        pattern.eq_ignore_ascii_case(host)
+    }
+}
+
+/// `*` matches any run of characters (`/` included), `?` exactly one; all else literal.
+#[must_use]
+pub fn glob_matches(glob: &str, text: &str) -> bool {
+    let glob = glob.as_bytes();
+    let text = text.as_bytes();
+    let (mut g, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if g < glob.len() && (glob[g] == b'?' || glob[g] == text[t]) {
+            g += 1;
+            t += 1;
+        } else if g < glob.len() && glob[g] == b'*' {
+            star = Some((g, t));
+            g += 1;
+        } else if let Some((star_g, star_t)) = star {
+            g = star_g + 1;
+            t = star_t + 1;
+            star = Some((star_g, star_t + 1));
+        } else {
+            return false;
+        }
+    }
+    glob[g..].iter().all(|&b| b == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts<'a>(
+        host: &'a str,
+        method: &'a str,
+        path: &'a str,
+        query: Option<&'a str>,
+    ) -> RequestFacts<'a> {
+        RequestFacts {
+            host,
+            port: 443,
+            method,
+            path,
+            query,
+        }
+    }
+
+    fn example_policy() -> EgressPolicy {
+        let yaml = r#"
+audit: all
+rules:
+  - host: api.anthropic.com
+    methods: [POST]
+    paths: ["/v1/messages*"]
+  - host: "*.githubusercontent.com"
+  - host: gitea.example.com
+    git: {repo: owner/name, fetch: true, push: false}
+  - host: gitea.example.com
+    git: {repo: owner/scratch, push: true}
+  - host: pinned.example.com
+    passthrough: true
+  - host: internal.example.com
+    port: 8443
+    dangerously_allow_private_upstreams: true
+"#;
+        serde_saphyr::from_str(yaml).expect("example policy parses")
+    }
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let policy = example_policy();
+        assert_eq!(policy.audit, Some(AuditLevel::All));
+        assert_eq!(policy.rules.len(), 6);
+        assert_eq!(
+            policy.rules[2].git,
+            Some(GitRule {
+                repo: "owner/name".into(),
+                fetch: true,
+                push: false
+            })
+        );
+        assert_eq!(
+            policy.rules[3].git,
+            Some(GitRule {
+                repo: "owner/scratch".into(),
+                fetch: true,
+                push: true
+            })
+        );
+        assert_eq!(policy.validate(), Ok(()));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = serde_saphyr::from_str::<EgressPolicy>(
+            "rules:\n  - host: a.example\n    metods: [GET]\n",
+        )
+        .expect_err("typo must fail");
+        assert!(err.to_string().contains("metods"), "{err}");
+        serde_saphyr::from_str::<EgressPolicy>("audt: all\n").expect_err("typo must fail");
+        serde_saphyr::from_str::<EgressPolicy>("audit: everything\n").expect_err("bad level");
+    }
+
+    #[test]
+    fn empty_policy_denies_everything() {
+        let policy = EgressPolicy::default();
+        assert_eq!(policy.validate(), Ok(()));
+        assert_eq!(
+            policy.decide(&facts("api.anthropic.com", "GET", "/", None)),
+            Decision::block(Reason::NotInAllowlist, None)
+        );
+        assert!(!policy.decide_connect("api.anthropic.com", 443).is_allow());
+    }
+
+    #[test]
+    fn method_and_path_rules() {
+        let policy = example_policy();
+        assert_eq!(
+            policy.decide(&facts("api.anthropic.com", "POST", "/v1/messages", None)),
+            Decision {
+                verdict: Verdict::Allow,
+                rule: Some(0),
+                reason: Reason::AllowedByRule
+            }
+        );
+        assert!(
+            policy
+                .decide(&facts(
+                    "API.Anthropic.com.",
+                    "post",
+                    "/v1/messages/count_tokens",
+                    None
+                ))
+                .is_allow()
+        );
+        assert_eq!(
+            policy.decide(&facts("api.anthropic.com", "GET", "/v1/messages", None)),
+            Decision::block(Reason::MethodNotAllowed, Some(0))
+        );
+        assert_eq!(
+            policy.decide(&facts("api.anthropic.com", "POST", "/v1/files", None)),
+            Decision::block(Reason::PathNotAllowed, Some(0))
+        );
+        let mut on_80 = facts("api.anthropic.com", "POST", "/v1/messages", None);
+        on_80.port = 80;
+        assert!(policy.decide(&on_80).is_allow());
+        on_80.port = 8080;
+        assert_eq!(
+            policy.decide(&on_80),
+            Decision::block(Reason::PortNotAllowed, Some(0))
+        );
+        assert_eq!(
+            policy.decide(&facts("evil.example", "GET", "/", None)),
+            Decision::block(Reason::NotInAllowlist, None)
+        );
+    }
+
+    #[test]
+    fn wildcard_hosts_match_subdomains_only() {
+        assert!(host_matches("*.example.com", "a.example.com"));
+        assert!(host_matches("*.example.com", "a.b.EXAMPLE.com"));
+        assert!(!host_matches("*.example.com", "example.com"));
+        assert!(!host_matches("*.example.com", "badexample.com"));
+        assert!(!host_matches("*.example.com", ".example.com"));
+        assert!(!host_matches("example.com", "a.example.com"));
+        assert!(host_matches("example.com", "example.com."));
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_matches("/v1/*", "/v1/messages"));
+        assert!(glob_matches("/v1/*", "/v1/a/b/c"));
+        assert!(glob_matches("*", "/anything"));
+        assert!(glob_matches("/a?c", "/abc"));
+        assert!(!glob_matches("/a?c", "/abbc"));
+        assert!(glob_matches("/*/x/*.json", "/repo/x/data.json"));
+        assert!(!glob_matches("/*/x/*.json", "/repo/y/data.json"));
+        assert!(!glob_matches("/v1", "/v1/messages"));
+        assert!(glob_matches("/v1**", "/v1"));
+    }
+
+    #[test]
+    fn git_fetch_and_push_are_decided_per_repo() {
+        let policy = example_policy();
+        let host = "gitea.example.com";
+        let fetch_refs = facts(
+            host,
+            "GET",
+            "/owner/name.git/info/refs",
+            Some("service=git-upload-pack"),
+        );
+        assert_eq!(policy.decide(&fetch_refs).rule, Some(2));
+        assert!(policy.decide(&fetch_refs).is_allow());
+        assert!(
+            policy
+                .decide(&facts(host, "POST", "/Owner/Name/git-upload-pack", None))
+                .is_allow()
+        );
+        assert_eq!(
+            policy.decide(&facts(
+                host,
+                "GET",
+                "/owner/name/info/refs",
+                Some("service=git-receive-pack")
+            )),
+            Decision::block(Reason::GitPushNotAllowed, Some(2))
+        );
+        assert_eq!(
+            policy.decide(&facts(
+                host,
+                "POST",
+                "/owner/name.git/git-receive-pack",
+                None
+            )),
+            Decision::block(Reason::GitPushNotAllowed, Some(2))
+        );
+        assert!(
+            policy
+                .decide(&facts(
+                    host,
+                    "POST",
+                    "/owner/scratch.git/git-receive-pack",
+                    None
+                ))
+                .is_allow()
+        );
+        assert_eq!(
+            policy
+                .decide(&facts(
+                    host,
+                    "POST",
+                    "/other/repo.git/git-upload-pack",
+                    None
+                ))
+                .reason,
+            Reason::GitRepoNotAllowed
+        );
+        // The web UI and the dumb protocol are not git access.
+        assert_eq!(
+            policy
+                .decide(&facts(host, "GET", "/owner/name", None))
+                .reason,
+            Reason::PathNotAllowed
+        );
+        assert_eq!(
+            policy
+                .decide(&facts(host, "GET", "/owner/name/info/refs", None))
+                .reason,
+            Reason::PathNotAllowed
+        );
+        assert_eq!(
+            policy
+                .decide(&facts(
+                    host,
+                    "GET",
+                    "/owner/name/info/refs",
+                    Some("service=git-upload-pack&service=git-receive-pack")
+                ))
+                .verdict,
+            Verdict::Block
+        );
+        assert_eq!(
+            policy
+                .decide(&facts(
+                    host,
+                    "POST",
+                    "/owner/name/info/refs",
+                    Some("service=git-upload-pack")
+                ))
+                .verdict,
+            Verdict::Block
+        );
+    }
+
+    #[test]
+    fn connect_decisions() {
+        let policy = example_policy();
+        let d = policy.decide_connect("pinned.example.com", 443);
+        assert_eq!(
+            d,
+            ConnectDecision {
+                verdict: Verdict::Allow,
+                rule: Some(4),
+                reason: Reason::AllowedPassthrough,
+                passthrough: true
+            }
+        );
+        let d = policy.decide_connect("api.anthropic.com", 443);
+        assert!(d.is_allow() && !d.passthrough);
+        assert_eq!(
+            policy.decide_connect("internal.example.com", 443).reason,
+            Reason::PortNotAllowed
+        );
+        assert!(
+            policy
+                .decide_connect("internal.example.com", 8443)
+                .is_allow()
+        );
+        assert_eq!(
+            policy.decide_connect("nope.example", 443).reason,
+            Reason::NotInAllowlist
+        );
+        // A passthrough rule never allows a request it could not see.
+        assert!(
+            !policy
+                .decide(&facts("pinned.example.com", "GET", "/", None))
+                .is_allow()
+        );
+        assert!(policy.allows_private_upstream("internal.example.com"));
+        assert!(!policy.allows_private_upstream("api.anthropic.com"));
+    }
+
+    #[test]
+    fn merge_unions_rules_and_later_audit_wins() {
+        let mut base = EgressPolicy {
+            audit: Some(AuditLevel::All),
+            rules: vec![EgressRule::host("a.example")],
+        };
+        base.merge(EgressPolicy {
+            audit: None,
+            rules: vec![EgressRule::host("a.example"), EgressRule::host("b.example")],
+        });
+        assert_eq!(
+            base,
+            EgressPolicy {
+                audit: Some(AuditLevel::All),
+                rules: vec![EgressRule::host("a.example"), EgressRule::host("b.example")],
+            }
+        );
+        base.merge(EgressPolicy {
+            audit: Some(AuditLevel::Blocks),
+            rules: vec![],
+        });
+        assert_eq!(base.audit_level(), AuditLevel::Blocks);
+        assert_eq!(EgressPolicy::default().audit_level(), AuditLevel::Blocks);
+    }
+
+    #[test]
+    fn validation_errors() {
+        let bad = |rule: EgressRule| {
+            EgressPolicy {
+                audit: None,
+                rules: vec![EgressRule::host("ok.example"), rule],
+            }
+            .validate()
+        };
+        assert_eq!(
+            bad(EgressRule::host("")),
+            Err(PolicyError::EmptyHost { index: 1 })
+        );
+        assert!(matches!(
+            bad(EgressRule::host("https://x.example")),
+            Err(PolicyError::BadHost { index: 1, .. })
+        ));
+        assert!(matches!(
+            bad(EgressRule::host("x.example:443")),
+            Err(PolicyError::BadHost { .. })
+        ));
+        assert!(matches!(
+            bad(EgressRule::host("*.")),
+            Err(PolicyError::BadHost { .. })
+        ));
+        assert!(matches!(
+            bad(EgressRule::host("a.*.example")),
+            Err(PolicyError::BadHost { .. })
+        ));
+        assert_eq!(bad(EgressRule::host("::1")), Ok(()));
+        assert_eq!(bad(EgressRule::host("127.0.0.1")), Ok(()));
+        assert_eq!(
+            bad(EgressRule {
+                port: Some(0),
+                ..EgressRule::host("x.example")
+            }),
+            Err(PolicyError::BadPort { index: 1 })
+        );
+        assert!(matches!(
+            bad(EgressRule {
+                methods: vec!["GE T".into()],
+                ..EgressRule::host("x.example")
+            }),
+            Err(PolicyError::BadMethod { .. })
+        ));
+        assert!(matches!(
+            bad(EgressRule {
+                paths: vec!["v1/*".into()],
+                ..EgressRule::host("x.example")
+            }),
+            Err(PolicyError::BadGlob { .. })
+        ));
+        let git = |repo: &str| {
+            Some(GitRule {
+                repo: repo.into(),
+                fetch: true,
+                push: false,
+            })
+        };
+        assert!(matches!(
+            bad(EgressRule {
+                git: git("justname"),
+                ..EgressRule::host("x.example")
+            }),
+            Err(PolicyError::BadGitRepo { .. })
+        ));
+        assert!(matches!(
+            bad(EgressRule {
+                git: git("a/../b"),
+                ..EgressRule::host("x.example")
+            }),
+            Err(PolicyError::BadGitRepo { .. })
+        ));
+        assert!(matches!(
+            bad(EgressRule {
+                git: git("a/b"),
+                paths: vec!["/x".into()],
+                ..EgressRule::host("x.example")
+            }),
+            Err(PolicyError::Conflict {
+                field: "git",
+                other: "paths",
+                ..
+            })
+        ));
+        assert!(matches!(
+            bad(EgressRule {
+                passthrough: true,
+                methods: vec!["GET".into()],
+                ..EgressRule::host("x.example")
+            }),
+            Err(PolicyError::Conflict {
+                field: "passthrough",
+                other: "methods",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn serializes_back_compactly() {
+        let policy = EgressPolicy {
+            audit: None,
+            rules: vec![EgressRule::host("a.example")],
+        };
+        assert_eq!(
+            serde_json::to_string(&policy).expect("serializes"),
+            r#"{"rules":[{"host":"a.example"}]}"#
+        );
+    }
+}
