@@ -5,5 +5,10 @@
 //! container or a socket. See `docs/architecture.md` for the crate graph.
 
 pub mod credential;
+pub mod manifest;
+pub mod plan;
 pub mod policy;
 pub mod provenance;
+pub mod provider;
+pub mod slug;
+pub mod state;
