@@ -1,1 +1,7 @@
 //! placeholder
+pub mod anthropic;
+pub mod openai;
+pub mod script;
+mod server;
+pub use script::{Script, Turn};
+pub use server::{FixtureConfig, FixtureError, FixtureHandle, RecordedRequest, TlsIdentity};
