@@ -1,0 +1,1 @@
+//! forge integration tests
