@@ -25,11 +25,12 @@ fn error(status: StatusCode, kind: &str, code: &str, message: &str) -> http::Res
 }
 
 pub(crate) fn respond(shared: &Shared, request: &RecordedRequest) -> http::Response<Body> {
-    // codex's built-in provider tries a WebSocket first; a plain refusal (no 101) lets it
-    // fall back to POST instead of waiting on a handshake.
+    // codex (built-in provider, or `supports_websockets = true`) tries a WebSocket first.
+    // Observed with codex 0.169.0: 426 makes it fall back to POST at once, while 404 costs
+    // seven retried handshakes (about 7 s) before the fallback.
     if server::wants_websocket(request) {
         return error(
-            StatusCode::NOT_FOUND,
+            StatusCode::UPGRADE_REQUIRED,
             "invalid_request_error",
             "websocket_unsupported",
             "fixture: websockets are not served, use POST",

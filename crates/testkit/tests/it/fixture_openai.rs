@@ -155,7 +155,7 @@ async fn key_check_answers_in_openai_error_shape() {
 }
 
 #[tokio::test]
-async fn websocket_upgrade_is_refused_without_101() {
+async fn websocket_upgrade_is_refused_with_426() {
     let fixture = fixture().await;
     let reply = client::send(
         "GET",
@@ -172,7 +172,7 @@ async fn websocket_upgrade_is_refused_without_101() {
         None,
     )
     .await;
-    assert_eq!(reply.status, 404);
+    assert_eq!(reply.status, 426);
     assert_eq!(reply.json()["error"]["code"], "websocket_unsupported");
     assert_eq!(fixture.requests()[0].method, "GET");
 }
