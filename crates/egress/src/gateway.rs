@@ -1,0 +1,669 @@
+//! The gateway: an HTTP/1.1 proxy on a Unix socket (what the in-bottle shim forwards
+//! `127.0.0.1:3128` to) or a TCP address, deciding every CONNECT and absolute-form
+//! request against the bottle's [`EgressPolicy`] and writing each decision to the audit log.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bot_bottle_core::policy::{AuditLevel, EgressPolicy, RequestFacts};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::audit::{AuditDecision, AuditError, AuditLog, EventDraft, EventKind};
+use crate::body::Metered;
+use crate::upstream::{Resolver, UpstreamError};
+
+/// The header a block response carries, with a machine-readable reason.
+pub const BLOCK_HEADER: &str = "x-bot-bottle-block";
+/// The header a gateway error (502, 504) carries; not a policy decision.
+pub const ERROR_HEADER: &str = "x-bot-bottle-error";
+
+/// A client that sends no complete request head within this time is dropped (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A Unix socket path; a stale socket file is replaced, a live one is an error.
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+            Listen::Tcp(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub listen: Listen,
+    pub policy: EgressPolicy,
+    /// `state/<slug>/egress.jsonl`: append-only, hash-chained.
+    pub audit_path: PathBuf,
+    /// Host (or `host:port`) → address to connect to instead of resolving the name.
+    /// Tests route real host names to loopback origins with it.
+    pub upstream_overrides: HashMap<String, SocketAddr>,
+    /// Refuse every upstream address that is not loopback: the network-safety guard
+    /// that every test turns on.
+    pub loopback_only: bool,
+}
+
+impl GatewayConfig {
+    #[must_use]
+    pub fn new(listen: Listen, policy: EgressPolicy, audit_path: impl Into<PathBuf>) -> Self {
+        GatewayConfig {
+            listen,
+            policy,
+            audit_path: audit_path.into(),
+            upstream_overrides: HashMap::new(),
+            loopback_only: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("invalid egress policy")]
+    Policy(#[from] bot_bottle_core::policy::PolicyError),
+    #[error("cannot listen on `{listen}`")]
+    Bind {
+        listen: Listen,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "another gateway is already listening on `{}`\nhint: stop the bottle that owns it, or remove the socket if nothing does",
+        path.display()
+    )]
+    SocketInUse { path: PathBuf },
+    #[error("audit log unavailable")]
+    Audit(#[from] AuditError),
+}
+
+pub(crate) struct Shared {
+    policy: RwLock<Arc<EgressPolicy>>,
+    pub(crate) audit: AuditLog,
+    overrides: HashMap<String, SocketAddr>,
+    loopback_only: bool,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    pub(crate) fn policy(&self) -> Arc<EgressPolicy> {
+        self.policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Writes an event if the audit level asks for it. Blocks and anything that is not
+    /// a plain allowed request are always written.
+    pub(crate) fn record(&self, draft: EventDraft) {
+        let always = draft.decision != AuditDecision::Allow
+            || !draft.dlp.is_empty()
+            || draft.kind != EventKind::Request;
+        if (always || self.policy().audit_level() == AuditLevel::All)
+            && let Err(err) = self.audit.append(draft)
+        {
+            tracing::error!(error = %err, "audit write failed");
+        }
+    }
+
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+
+    pub(crate) fn resolver<'a>(&'a self, policy: &EgressPolicy, host: &str) -> Resolver<'a> {
+        Resolver {
+            overrides: &self.overrides,
+            loopback_only: self.loopback_only,
+            allow_private: policy.allows_private_upstream(host),
+        }
+    }
+}
+
+/// A running gateway. Dropping it without [`GatewayHandle::shutdown`] leaves the tasks
+/// running until the runtime stops.
+#[derive(Debug)]
+pub struct GatewayHandle {
+    local: Listen,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    accept: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("audit", &self.audit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts a gateway. The policy is validated first: an invalid policy never runs.
+///
+/// # Errors
+/// An invalid policy, an unusable audit log, or a listener that cannot be bound.
+pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError> {
+    config.policy.validate()?;
+    let audit = AuditLog::open(&config.audit_path)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let listener = bind(&config.listen).await?;
+    let local = listener.local();
+    let shared = Arc::new(Shared {
+        policy: RwLock::new(Arc::new(config.policy)),
+        audit,
+        overrides: config
+            .upstream_overrides
+            .into_iter()
+            .map(|(k, v)| (k.trim_end_matches('.').to_ascii_lowercase(), v))
+            .collect(),
+        loopback_only: config.loopback_only,
+        shutdown: shutdown_rx,
+    });
+    let mut started = EventDraft::new(EventKind::Gateway, AuditDecision::Info, "gateway-started");
+    started.detail = Some(format!(
+        "listening on {local}; {}",
+        policy_summary(&shared.policy())
+    ));
+    shared.audit.append(started)?;
+    let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+    Ok(GatewayHandle {
+        local,
+        shared,
+        shutdown: shutdown_tx,
+        accept,
+    })
+}
+
+fn policy_summary(policy: &EgressPolicy) -> String {
+    let canonical = serde_json::to_vec(policy).unwrap_or_default();
+    format!(
+        "policy: {} rules, audit {}, sha256 {}",
+        policy.rules.len(),
+        match policy.audit_level() {
+            AuditLevel::Blocks => "blocks",
+            AuditLevel::All => "all",
+        },
+        hex::encode(Sha256::digest(&canonical))
+    )
+}
+
+impl GatewayHandle {
+    /// The bound address (with the real port when `Tcp` asked for port 0).
+    #[must_use]
+    pub fn local_addr(&self) -> &Listen {
+        &self.local
+    }
+
+    /// The TCP address, for tests and benchmarks that listen on TCP.
+    #[must_use]
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match self.local {
+            Listen::Tcp(addr) => Some(addr),
+            Listen::Unix(_) => None,
+        }
+    }
+
+    /// Replaces the policy for new decisions (requests already allowed run on). The
+    /// update is audited with the new policy's digest.
+    ///
+    /// # Errors
+    /// The new policy is invalid; the old one stays in force.
+    pub fn update_policy(&self, policy: EgressPolicy) -> Result<(), GatewayError> {
+        policy.validate()?;
+        let summary = policy_summary(&policy);
+        *self
+            .shared
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
+        let mut event = EventDraft::new(
+            EventKind::PolicyUpdate,
+            AuditDecision::Info,
+            "policy-updated",
+        );
+        event.detail = Some(summary);
+        self.shared.audit.append(event)?;
+        Ok(())
+    }
+
+    /// The policy in force.
+    #[must_use]
+    pub fn policy(&self) -> Arc<EgressPolicy> {
+        self.shared.policy()
+    }
+
+    /// Stops accepting, cuts every open connection and tunnel (fail closed: nothing
+    /// outlives the gateway), writes a final event and syncs the log.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.accept.await;
+        let stopped = EventDraft::new(EventKind::Gateway, AuditDecision::Info, "gateway-stopped");
+        if let Err(err) = self.shared.audit.append(stopped) {
+            tracing::error!(error = %err, "audit write failed");
+        }
+        let _ = self.shared.audit.sync();
+        if let Listen::Unix(path) = &self.local {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+impl Listener {
+    fn local(&self) -> Listen {
+        match self {
+            Listener::Tcp(l) => {
+                Listen::Tcp(l.local_addr().expect("a bound TCP listener has an address"))
+            }
+            Listener::Unix(_, path) => Listen::Unix(path.clone()),
+        }
+    }
+}
+
+async fn bind(listen: &Listen) -> Result<Listener, GatewayError> {
+    let bind_err = |source| GatewayError::Bind {
+        listen: listen.clone(),
+        source,
+    };
+    match listen {
+        Listen::Tcp(addr) => Ok(Listener::Tcp(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(bind_err)?,
+        )),
+        Listen::Unix(path) => {
+            if path.exists() {
+                if tokio::net::UnixStream::connect(path).await.is_ok() {
+                    return Err(GatewayError::SocketInUse { path: path.clone() });
+                }
+                std::fs::remove_file(path).map_err(bind_err)?;
+            }
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(bind_err)?;
+            }
+            let listener = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
+            Ok(Listener::Unix(listener, path.clone()))
+        }
+    }
+}
+
+async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = accept_one(&listener) => match accepted {
+                Ok(Accepted::Tcp(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(serve_client(stream, shared.clone()));
+                }
+                Ok(Accepted::Unix(stream)) => {
+                    connections.spawn(serve_client(stream, shared.clone()));
+                }
+                Err(err) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    connections.shutdown().await;
+}
+
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept_one(listener: &Listener) -> std::io::Result<Accepted> {
+    match listener {
+        Listener::Tcp(l) => Ok(Accepted::Tcp(l.accept().await?.0)),
+        Listener::Unix(l, _) => Ok(Accepted::Unix(l.accept().await?.0)),
+    }
+}
+
+async fn serve_client<S>(stream: S, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service_shared = shared.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let shared = service_shared.clone();
+        async move { Ok::<_, Infallible>(handle_proxy_request(shared, req).await) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let mut shutdown = shared.shutdown.clone();
+    tokio::select! {
+        result = connection => {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "client connection ended");
+            }
+        }
+        _ = shutdown.changed() => {}
+    }
+}
+
+/// Where a request is going, as the policy sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub host: String,
+    pub port: u16,
+}
+
+pub(crate) fn full_body(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A 403 the agent can show its user, with the reason machine-readable in a header.
+pub(crate) fn block_response(reason: &str, detail: &str) -> Response<ProxyBody> {
+    let text = format!(
+        "blocked by the bot-bottle egress gateway: {reason}\n{detail}\nThe bottle's egress policy decides what may leave; ask the user to change it if this request is needed.\n"
+    );
+    let mut response = Response::new(full_body(text));
+    *response.status_mut() = StatusCode::FORBIDDEN;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(value) = HeaderValue::from_str(reason) {
+        headers.insert(BLOCK_HEADER, value);
+    }
+    response
+}
+
+pub(crate) fn error_response(
+    status: StatusCode,
+    reason: &str,
+    detail: &str,
+) -> Response<ProxyBody> {
+    let mut response = Response::new(full_body(format!(
+        "bot-bottle egress gateway: {reason}\n{detail}\n"
+    )));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(value) = HeaderValue::from_str(reason) {
+        headers.insert(ERROR_HEADER, value);
+    }
+    response
+}
+
+pub(crate) fn request_draft(
+    decision: AuditDecision,
+    reason: &str,
+    method: &Method,
+    target: &Target,
+    path: &str,
+) -> EventDraft {
+    let mut draft = EventDraft::new(EventKind::Request, decision, reason);
+    draft.method = Some(method.as_str().to_string());
+    draft.host = Some(target.host.clone());
+    draft.port = Some(target.port);
+    draft.path = Some(truncate(path, 1024));
+    draft
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+async fn handle_proxy_request(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody> {
+    if req.method() == Method::CONNECT {
+        return crate::tunnel::handle_connect(shared, req).await;
+    }
+    let started = Instant::now();
+    let uri = req.uri().clone();
+    let path = uri.path().to_string();
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        let target = Target {
+            host: String::new(),
+            port: 0,
+        };
+        let mut draft = request_draft(
+            AuditDecision::Block,
+            "not-a-proxy-request",
+            req.method(),
+            &target,
+            &path,
+        );
+        draft.host = None;
+        draft.port = None;
+        draft.status = Some(400);
+        shared.record(draft);
+        let mut response = block_response(
+            "not-a-proxy-request",
+            "send requests in absolute form (http://host/path) or tunnel with CONNECT",
+        );
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+        return response;
+    };
+    let target = Target {
+        host: authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase(),
+        port: authority
+            .port_u16()
+            .unwrap_or(if scheme == "https" { 443 } else { 80 }),
+    };
+    if scheme != "http" {
+        let mut draft = request_draft(
+            AuditDecision::Block,
+            "unsupported-scheme",
+            req.method(),
+            &target,
+            &path,
+        );
+        draft.status = Some(403);
+        shared.record(draft);
+        return block_response(
+            "unsupported-scheme",
+            "only http:// is accepted in absolute form; use CONNECT for https",
+        );
+    }
+    if let Some(host_header) = req.headers().get(header::HOST)
+        && !host_header_matches(host_header, &target, 80)
+    {
+        {
+            let mut draft = request_draft(
+                AuditDecision::Block,
+                "host-mismatch",
+                req.method(),
+                &target,
+                &path,
+            );
+            draft.status = Some(403);
+            draft.detail = Some(format!(
+                "Host header {:?} differs from the request target",
+                host_header
+            ));
+            shared.record(draft);
+            return block_response(
+                "host-mismatch",
+                "the Host header must name the same host as the request target",
+            );
+        }
+    }
+    let request = crate::forward::Forward {
+        shared: shared.clone(),
+        target,
+        started,
+    };
+    request.run_plain(req).await
+}
+
+/// Whether a `Host` (or `:authority`) value names `target`; a missing port means
+/// `default_port`.
+pub(crate) fn host_header_matches(value: &HeaderValue, target: &Target, default_port: u16) -> bool {
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let Ok(authority) = value.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let target_host = target.host.strip_suffix('.').unwrap_or(&target.host);
+    host.eq_ignore_ascii_case(target_host)
+        && authority.port_u16().unwrap_or(default_port) == target.port
+}
+
+/// Decides a request against the policy; returns the block response if it is refused.
+pub(crate) fn decide_request(
+    shared: &Shared,
+    policy: &EgressPolicy,
+    method: &Method,
+    target: &Target,
+    uri: &http::Uri,
+) -> Result<Option<usize>, Box<Response<ProxyBody>>> {
+    let facts = RequestFacts {
+        host: &target.host,
+        port: target.port,
+        method: method.as_str(),
+        path: uri.path(),
+        query: uri.query(),
+    };
+    let decision = policy.decide(&facts);
+    if decision.is_allow() {
+        return Ok(decision.rule);
+    }
+    let reason = decision.reason.as_str();
+    let mut draft = request_draft(AuditDecision::Block, reason, method, target, uri.path());
+    draft.rule = decision.rule;
+    draft.status = Some(403);
+    shared.record(draft);
+    Err(Box::new(block_response(
+        reason,
+        &format!(
+            "{method} {}:{}{} is not allowed",
+            target.host,
+            target.port,
+            uri.path()
+        ),
+    )))
+}
+
+/// Headers that describe one hop and must not be forwarded.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("proxy-connection");
+    headers.remove("keep-alive");
+}
+
+/// Builds the audit event that a finished exchange writes, and counts its bytes.
+pub(crate) struct Exchange {
+    pub shared: Arc<Shared>,
+    pub draft: EventDraft,
+    pub started: Instant,
+    pub up: Arc<AtomicU64>,
+    pub down: Arc<AtomicU64>,
+}
+
+impl Exchange {
+    /// Wraps the response body so the event is written when it ends or is dropped.
+    pub(crate) fn finish_with(self, response: Response<Incoming>) -> Response<ProxyBody> {
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let mut draft = self.draft;
+        draft.status = Some(parts.status.as_u16());
+        let shared = self.shared;
+        let started = self.started;
+        let up = self.up;
+        let down = self.down.clone();
+        let body = Metered::new(body, self.down, move || {
+            draft.bytes_up = up.load(Ordering::Relaxed);
+            draft.bytes_down = down.load(Ordering::Relaxed);
+            draft.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            shared.record(draft);
+        });
+        Response::from_parts(parts, body.boxed_unsync())
+    }
+}
+
+pub(crate) fn upstream_failure(
+    shared: &Shared,
+    err: &UpstreamError,
+    mut draft: EventDraft,
+) -> Response<ProxyBody> {
+    draft.reason = err.reason().to_string();
+    draft.detail = Some(err.detail());
+    if err.is_refusal() {
+        draft.decision = AuditDecision::Block;
+        draft.status = Some(403);
+        shared.record(draft);
+        block_response(err.reason(), &err.detail())
+    } else {
+        draft.status = Some(502);
+        shared.record(draft);
+        error_response(StatusCode::BAD_GATEWAY, err.reason(), &err.detail())
+    }
+}

@@ -1,0 +1,73 @@
+use bot_bottle_egress::Listen;
+use bot_bottle_egress::audit::{self, AuditError};
+
+use crate::support::{curl, gateway, origin, policy, start_at};
+
+#[tokio::test]
+async fn the_chain_survives_a_restart_and_detects_modified_and_deleted_lines() {
+    let origin = origin().await;
+    let rules = policy("rules:\n  - host: api.test\n");
+    let gw = gateway(rules.clone(), &[("api.test", origin)]).await;
+    for path in ["/a", "/b"] {
+        assert_eq!(
+            curl(&gw.proxy_url(), &[&format!("http://api.test{path}")])
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        curl(&gw.proxy_url(), &["http://blocked.test/"])
+            .await
+            .status,
+        403
+    );
+    let audit_path = gw.audit_path.clone();
+    let dir = gw._dir;
+    gw.handle.shutdown().await;
+    let first = audit::verify(&audit_path).expect("verifies");
+
+    // A new gateway on the same file continues the chain.
+    let handle = start_at(
+        Listen::Tcp("127.0.0.1:0".parse().expect("addr")),
+        rules,
+        &audit_path,
+        &[("api.test", origin)],
+    )
+    .await;
+    let proxy = format!("http://{}", handle.tcp_addr().expect("tcp"));
+    assert_eq!(curl(&proxy, &["http://api.test/c"]).await.status, 200);
+    handle.shutdown().await;
+    let report = audit::verify(&audit_path).expect("verifies after restart");
+    assert_eq!(report.last_seq, first.last_seq + 3);
+    let events = audit::read(&audit_path).expect("reads");
+    assert_eq!(events.len() as u64, report.lines);
+
+    let original = std::fs::read_to_string(&audit_path).expect("read");
+    let lines: Vec<&str> = original.lines().collect();
+
+    let modified = original.replacen("\"/b\"", "\"/z\"", 1);
+    assert_ne!(modified, original);
+    std::fs::write(&audit_path, &modified).expect("write");
+    let broken_line = lines
+        .iter()
+        .position(|l| l.contains("\"/b\""))
+        .expect("line /b") as u64
+        + 1;
+    match audit::verify(&audit_path) {
+        Err(AuditError::Broken { line, .. }) => assert_eq!(line, broken_line),
+        other => panic!("modified line not detected: {other:?}"),
+    }
+
+    let mut without = lines.clone();
+    without.remove(3);
+    std::fs::write(&audit_path, without.join("\n") + "\n").expect("write");
+    match audit::verify(&audit_path) {
+        Err(AuditError::Broken { line, problem, .. }) => {
+            assert_eq!(line, 4);
+            assert!(problem.contains("prev_hash"), "{problem}");
+        }
+        other => panic!("deleted line not detected: {other:?}"),
+    }
+    drop(dir);
+}

@@ -1,0 +1,7 @@
+//! Integration tests for the gateway. Every upstream is a loopback server created by the
+//! test, every gateway runs with `loopback_only`, and host names are routed with the
+//! upstream-override map.
+
+mod audit_chain;
+mod proxy;
+mod support;
