@@ -12,6 +12,8 @@
 # --dangerously-skip-permissions as root.
 #
 # Usage: scripts/fixture-smoke.sh [claude] [codex] [pi]    (default: all three)
+#        FIXTURE_TLS=1 scripts/fixture-smoke.sh    serve HTTPS from a throwaway CA instead, trusted
+#        through NODE_EXTRA_CA_CERTS (claude, pi) and SSL_CERT_FILE (codex)
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,15 +39,35 @@ if [ -z "${FIXTURE_BIN:-}" ]; then
 fi
 cp "$FIXTURE_BIN" "$work/fixture"
 
+tls_args=()
+ca_env=()
+if [ "${FIXTURE_TLS:-0}" = 1 ]; then
+    (cd "$work" &&
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+            -keyout ca.key -out ca.pem -subj "/CN=fixture-smoke CA" \
+            -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" &&
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+            -keyout leaf.key -out leaf.csr -subj "/CN=localhost" &&
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >leaf.ext &&
+        openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
+            -extfile leaf.ext -out leaf.pem && chmod 644 ca.pem) >/dev/null 2>&1 ||
+        fail "cannot make the test CA with openssl"
+    tls_args=(--tls-cert "$work/leaf.pem" --tls-key "$work/leaf.key")
+    ca_env=(NODE_EXTRA_CA_CERTS="$work/ca.pem" SSL_CERT_FILE="$work/ca.pem")
+fi
+
 # start_fixture KIND DIR CONTENT: starts a fixture, sets $base_url.
 start_fixture() {
     local kind=$1 dir=$2 content=$3
     "$work/fixture" --kind "$kind" --expect-key "$key" --write-file hello.txt \
-        --content "$content" --record "$dir/requests.json" >"$dir/fixture.out" 2>"$dir/fixture.err" &
+        --content "$content" --record "$dir/requests.json" "${tls_args[@]}" \
+        >"$dir/fixture.out" 2>"$dir/fixture.err" &
     fixture_pids+=($!)
     fixture_pid=$!
     for _ in $(seq 50); do [ -s "$dir/fixture.out" ] && break; sleep 0.1; done
     base_url=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["base_url"])' "$dir/fixture.out")
+    # The leaf names `localhost`, the name an intercepting gateway would present too.
+    base_url=${base_url/127.0.0.1/localhost}
 }
 
 stop_fixture() {
@@ -69,7 +91,7 @@ as_agent_user() {
     fi
 }
 
-proxy_env=(HTTPS_PROXY=$dead_proxy HTTP_PROXY=$dead_proxy https_proxy=$dead_proxy
+proxy_env=("${ca_env[@]}" HTTPS_PROXY=$dead_proxy HTTP_PROXY=$dead_proxy https_proxy=$dead_proxy
     http_proxy=$dead_proxy NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost)
 
 # run_claude DIR KEY: runs claude -p in DIR/ws with HOME=DIR/home.
