@@ -1,4 +1,5 @@
 //! placeholder
+pub mod gitea;
 pub mod anthropic;
 pub mod openai;
 pub mod script;
