@@ -5,6 +5,7 @@
 
 pub mod audit;
 mod body;
+pub mod dlp;
 mod forward;
 mod gateway;
 mod tunnel;

@@ -1,0 +1,859 @@
+//! The scanner: keyword prefilter, rule regexes, entropy, allowlists, custody secrets.
+
+use std::ops::Range;
+
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+
+use super::custody::{encoded_forms, host_matches};
+use super::decode::{DEFAULT_MAX_DECODED, Decoded, decode};
+use super::{
+    Action, Allowlist, Condition, CustodySecret, DlpRules, EncodedForm, Finding, FindingKind,
+    Location, PlaceholderSecret, RegexTarget, Rule, ScanOutcome, redact,
+};
+
+/// The rule id of a finding for a custody secret's real value.
+pub const CUSTODY_RULE_ID: &str = "custody-secret";
+/// The rule id of a finding for a placeholder headed to a host it is not for.
+pub const PLACEHOLDER_RULE_ID: &str = "exfiltration-attempt";
+
+/// Scans bytes, bodies and headers with a rule set and the custody secrets.
+///
+/// Build one per policy (building compiles the prefilters) and share it: every method
+/// takes `&self` and the type is `Send + Sync`.
+///
+/// The `host` parameter of the scan methods is the request's destination. A custody
+/// secret or placeholder headed to one of its own hosts is expected there and is not a
+/// finding; with `None`, every occurrence is one. Either way, a rule match that lies inside
+/// a custody secret or placeholder is not reported again as a rule finding, so a
+/// placeholder shaped like a real key does not trip the rule for that key.
+#[derive(Debug)]
+pub struct Scanner {
+    rules: DlpRules,
+    /// Per rule, in `rules` order: runs on HTTP messages at all.
+    active: Vec<bool>,
+    actions: Vec<Action>,
+    /// Rules with a regex but no keywords: always run.
+    unconditional: Vec<usize>,
+    keywords: Option<AhoCorasick>,
+    /// Keyword pattern id → rules that list it.
+    keyword_rules: Vec<Vec<usize>>,
+    custody: Vec<CustodySecret>,
+    placeholders: Vec<PlaceholderSecret>,
+    needles: Option<AhoCorasick>,
+    /// Needle pattern id → what it reveals.
+    needle_owner: Vec<NeedleOwner>,
+    max_decoded: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum NeedleOwner {
+    Custody(usize, EncodedForm),
+    Placeholder(usize, EncodedForm),
+}
+
+impl Scanner {
+    /// Builds a scanner for a rule set and the custody secrets it must always detect.
+    ///
+    /// Empty custody values are ignored: they would match everywhere.
+    #[must_use]
+    pub fn new(rules: DlpRules, custody: Vec<CustodySecret>) -> Scanner {
+        Scanner::with_placeholders(rules, custody, Vec::new())
+    }
+
+    /// Like [`Scanner::new`], and also detects each placeholder on its way to a host that
+    /// is not one of its credential's hosts.
+    #[must_use]
+    pub fn with_placeholders(
+        rules: DlpRules,
+        custody: Vec<CustodySecret>,
+        placeholders: Vec<PlaceholderSecret>,
+    ) -> Scanner {
+        let mut keyword_list: Vec<String> = Vec::new();
+        let mut keyword_rules: Vec<Vec<usize>> = Vec::new();
+        let mut unconditional = Vec::new();
+        let mut active = Vec::with_capacity(rules.len());
+        let mut actions = Vec::with_capacity(rules.len());
+        for (index, rule) in rules.rules.iter().enumerate() {
+            let runs = rule.regex.is_some() && !rule.path_scoped;
+            active.push(runs);
+            actions.push(rules.action_for(&rule.id));
+            if !runs {
+                continue;
+            }
+            if rule.keywords.is_empty() {
+                unconditional.push(index);
+            }
+            for keyword in &rule.keywords {
+                match keyword_list.iter().position(|known| known == keyword) {
+                    Some(position) => keyword_rules[position].push(index),
+                    None => {
+                        keyword_list.push(keyword.clone());
+                        keyword_rules.push(vec![index]);
+                    }
+                }
+            }
+        }
+        let keywords = (!keyword_list.is_empty()).then(|| {
+            AhoCorasickBuilder::new()
+                .ascii_case_insensitive(true)
+                .match_kind(MatchKind::Standard)
+                .build(&keyword_list)
+                .expect("keywords are plain strings well under the automaton's size limits")
+        });
+
+        let custody: Vec<CustodySecret> = custody
+            .into_iter()
+            .filter(|secret| !secret.value.is_empty())
+            .collect();
+        let placeholders: Vec<PlaceholderSecret> = placeholders
+            .into_iter()
+            .filter(|placeholder| !placeholder.placeholder.is_empty())
+            .collect();
+        let mut needle_list: Vec<Vec<u8>> = Vec::new();
+        let mut needle_owner = Vec::new();
+        for (index, secret) in custody.iter().enumerate() {
+            for (needle, form) in encoded_forms(secret.value.as_bytes()) {
+                needle_list.push(needle);
+                needle_owner.push(NeedleOwner::Custody(index, form));
+            }
+        }
+        for (index, placeholder) in placeholders.iter().enumerate() {
+            for (needle, form) in encoded_forms(placeholder.placeholder.as_bytes()) {
+                needle_list.push(needle);
+                needle_owner.push(NeedleOwner::Placeholder(index, form));
+            }
+        }
+        let needles = (!needle_list.is_empty()).then(|| {
+            AhoCorasickBuilder::new()
+                .match_kind(MatchKind::Standard)
+                .build(&needle_list)
+                .expect("needles are plain strings well under the automaton's size limits")
+        });
+
+        Scanner {
+            rules,
+            active,
+            actions,
+            unconditional,
+            keywords,
+            keyword_rules,
+            custody,
+            placeholders,
+            needles,
+            needle_owner,
+            max_decoded: DEFAULT_MAX_DECODED,
+        }
+    }
+
+    /// Sets the cap on a body's size, encoded and decoded (default [`DEFAULT_MAX_DECODED`]).
+    #[must_use]
+    pub fn with_max_decoded(mut self, cap: usize) -> Scanner {
+        self.max_decoded = cap;
+        self
+    }
+
+    /// The cap on a body's size, encoded and decoded.
+    #[must_use]
+    pub fn max_decoded(&self) -> usize {
+        self.max_decoded
+    }
+
+    /// The rule set this scanner runs.
+    #[must_use]
+    pub fn rules(&self) -> &DlpRules {
+        &self.rules
+    }
+
+    /// Scans a buffer as it is, reporting every custody secret and placeholder in it.
+    #[must_use]
+    pub fn scan(&self, bytes: &[u8]) -> Vec<Finding> {
+        self.scan_buffer(bytes, None, &Location::Body)
+    }
+
+    /// Scans a buffer bound for `host`.
+    #[must_use]
+    pub fn scan_for_host(&self, bytes: &[u8], host: &str) -> Vec<Finding> {
+        self.scan_buffer(bytes, Some(host), &Location::Body)
+    }
+
+    /// Decodes a whole body per its `Content-Encoding` (gzip, deflate, br, zstd, stacked in
+    /// any order) and scans it. Chunked transfer coding is already undone by the HTTP
+    /// layer, so `body` is the full message body.
+    ///
+    /// A body whose decoded size is over the cap gives [`ScanOutcome::TooLarge`], with
+    /// findings from the first cap bytes; decoding stops there.
+    #[must_use]
+    pub fn scan_body(
+        &self,
+        body: &[u8],
+        content_encoding: Option<&str>,
+        host: Option<&str>,
+    ) -> ScanOutcome {
+        match decode(body, content_encoding, self.max_decoded) {
+            Decoded::Complete(bytes) => {
+                ScanOutcome::Scanned(self.scan_buffer(&bytes, host, &Location::Body))
+            }
+            Decoded::Truncated(prefix) => ScanOutcome::TooLarge {
+                limit: self.max_decoded,
+                findings: self.scan_buffer(&prefix, host, &Location::Body),
+            },
+            Decoded::Failed(reason) => ScanOutcome::Undecodable { reason },
+        }
+    }
+
+    /// Scans header values (header names are scanned too, as the `name: value` line the
+    /// rules see). Offsets in findings are relative to the header value.
+    #[must_use]
+    pub fn scan_headers(&self, headers: &http::HeaderMap, host: Option<&str>) -> Vec<Finding> {
+        // One buffer, one pass: each header as a `name: value` line, as in a file.
+        let mut buffer = Vec::new();
+        let mut spans: Vec<(Range<usize>, &str)> = Vec::with_capacity(headers.len());
+        for (name, value) in headers {
+            buffer.extend_from_slice(name.as_str().as_bytes());
+            buffer.extend_from_slice(b": ");
+            let start = buffer.len();
+            buffer.extend_from_slice(value.as_bytes());
+            spans.push((start..buffer.len(), name.as_str()));
+            buffer.push(b'\n');
+        }
+        let mut findings = self.scan_buffer(&buffer, host, &Location::Body);
+        for finding in &mut findings {
+            let span = spans
+                .iter()
+                .find(|(range, _)| finding.offset < range.end.max(range.start + 1))
+                .or(spans.last());
+            if let Some((range, name)) = span {
+                finding.location = Location::Header((*name).to_owned());
+                finding.offset = finding.offset.saturating_sub(range.start);
+            }
+        }
+        findings
+    }
+
+    fn scan_buffer(&self, bytes: &[u8], host: Option<&str>, location: &Location) -> Vec<Finding> {
+        let mut findings = Vec::new();
+        let custody_spans = self.scan_custody(bytes, host, location, &mut findings);
+        for index in self.triggered_rules(bytes) {
+            let rule = &self.rules.rules[index];
+            self.run_rule(
+                rule,
+                self.actions[index],
+                bytes,
+                &custody_spans,
+                location,
+                &mut findings,
+            );
+        }
+        findings.sort_by_key(|finding| finding.offset);
+        findings
+    }
+
+    /// Reports custody secrets and placeholders headed elsewhere, and returns the spans of
+    /// all of them (expected or not) so rules do not report them a second time.
+    fn scan_custody(
+        &self,
+        bytes: &[u8],
+        host: Option<&str>,
+        location: &Location,
+        findings: &mut Vec<Finding>,
+    ) -> Vec<Range<usize>> {
+        let Some(needles) = &self.needles else {
+            return Vec::new();
+        };
+        let mut spans = Vec::new();
+        for found in needles.find_overlapping_iter(bytes) {
+            let span = found.range();
+            let (hosts, kind, rule_id) = match self.needle_owner[found.pattern().as_usize()] {
+                NeedleOwner::Custody(index, form) => {
+                    let secret = &self.custody[index];
+                    (
+                        &secret.hosts,
+                        FindingKind::CustodySecret {
+                            credential: secret.name.clone(),
+                            form,
+                        },
+                        CUSTODY_RULE_ID,
+                    )
+                }
+                NeedleOwner::Placeholder(index, form) => {
+                    let placeholder = &self.placeholders[index];
+                    (
+                        &placeholder.hosts,
+                        FindingKind::Placeholder {
+                            credential: placeholder.name.clone(),
+                            form,
+                        },
+                        PLACEHOLDER_RULE_ID,
+                    )
+                }
+            };
+            spans.push(span.clone());
+            let expected =
+                host.is_some_and(|host| hosts.iter().any(|pattern| host_matches(pattern, host)));
+            if expected {
+                continue;
+            }
+            findings.push(Finding {
+                rule_id: rule_id.to_owned(),
+                kind,
+                action: Action::Block,
+                location: location.clone(),
+                offset: span.start,
+                len: span.len(),
+                excerpt: redact(&bytes[span]),
+            });
+        }
+        spans
+    }
+
+    /// Indices of the rules to run on `bytes`, in rule order.
+    fn triggered_rules(&self, bytes: &[u8]) -> Vec<usize> {
+        let mut run = vec![false; self.active.len()];
+        for &index in &self.unconditional {
+            run[index] = true;
+        }
+        if let Some(keywords) = &self.keywords {
+            let mut seen = vec![false; self.keyword_rules.len()];
+            let mut remaining = seen.len();
+            for found in keywords.find_overlapping_iter(bytes) {
+                let pattern = found.pattern().as_usize();
+                if !seen[pattern] {
+                    seen[pattern] = true;
+                    for &index in &self.keyword_rules[pattern] {
+                        run[index] = true;
+                    }
+                    remaining -= 1;
+                    if remaining == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        run.iter()
+            .enumerate()
+            .filter_map(|(index, &runs)| runs.then_some(index))
+            .collect()
+    }
+
+    fn run_rule(
+        &self,
+        rule: &Rule,
+        action: Action,
+        bytes: &[u8],
+        custody_spans: &[Range<usize>],
+        location: &Location,
+        findings: &mut Vec<Finding>,
+    ) {
+        let Some(regex) = &rule.regex else {
+            return;
+        };
+        for captures in regex.captures_iter(bytes) {
+            let Some(whole) = captures.get(0) else {
+                continue;
+            };
+            // gitleaks: the configured group, else the first non-empty group, else the match.
+            let secret = match rule.secret_group {
+                Some(group) => match captures.get(group) {
+                    Some(secret) => secret,
+                    None => continue,
+                },
+                None => captures
+                    .iter()
+                    .skip(1)
+                    .flatten()
+                    .find(|group| !group.is_empty())
+                    .unwrap_or(whole),
+            };
+            let secret_range = secret.range();
+            if let Some(threshold) = rule.entropy
+                && shannon_entropy(secret.as_bytes()) <= threshold
+            {
+                continue;
+            }
+            if custody_spans
+                .iter()
+                .any(|span| span.start < secret_range.end && secret_range.start < span.end)
+            {
+                continue;
+            }
+            let candidate = Candidate {
+                bytes,
+                secret: secret_range.clone(),
+                whole: whole.range(),
+            };
+            if rule
+                .allowlists
+                .iter()
+                .chain(self.rules.global_allowlists.iter())
+                .any(|allowlist| allows(allowlist, &candidate))
+            {
+                continue;
+            }
+            findings.push(Finding {
+                rule_id: rule.id.clone(),
+                kind: FindingKind::Rule,
+                action,
+                location: location.clone(),
+                offset: secret_range.start,
+                len: secret_range.len(),
+                excerpt: redact(secret.as_bytes()),
+            });
+        }
+    }
+}
+
+struct Candidate<'a> {
+    bytes: &'a [u8],
+    secret: Range<usize>,
+    whole: Range<usize>,
+}
+
+impl Candidate<'_> {
+    fn target(&self, target: RegexTarget) -> &[u8] {
+        match target {
+            RegexTarget::Secret => &self.bytes[self.secret.clone()],
+            RegexTarget::Match => &self.bytes[self.whole.clone()],
+            RegexTarget::Line => {
+                let start = memchr::memrchr(b'\n', &self.bytes[..self.whole.start])
+                    .map_or(0, |newline| newline + 1);
+                let end = memchr::memchr(b'\n', &self.bytes[self.whole.end..])
+                    .map_or(self.bytes.len(), |newline| self.whole.end + newline);
+                &self.bytes[start..end]
+            }
+        }
+    }
+}
+
+/// gitleaks' allowlist semantics: with `OR`, any one check that matches allows the
+/// finding; with `AND`, every configured check must match. Paths and commits are
+/// configured checks that never match an HTTP message.
+fn allows(allowlist: &Allowlist, candidate: &Candidate<'_>) -> bool {
+    let regex_hit = || {
+        let target = candidate.target(allowlist.regex_target);
+        allowlist.regexes.iter().any(|regex| regex.is_match(target))
+    };
+    let stopword_hit = || {
+        allowlist.stopwords.as_ref().is_some_and(|stopwords| {
+            let lowered = candidate.bytes[candidate.secret.clone()].to_ascii_lowercase();
+            stopwords.is_match(&lowered)
+        })
+    };
+    match allowlist.condition {
+        Condition::Or => regex_hit() || stopword_hit(),
+        Condition::And => {
+            let configured = !allowlist.regexes.is_empty()
+                || allowlist.stopwords.is_some()
+                || allowlist.has_paths_or_commits;
+            configured
+                && !allowlist.has_paths_or_commits
+                && (allowlist.regexes.is_empty() || regex_hit())
+                && (allowlist.stopwords.is_none() || stopword_hit())
+        }
+    }
+}
+
+/// Shannon entropy in bits per byte, as gitleaks computes it for ASCII secrets.
+pub(crate) fn shannon_entropy(data: &[u8]) -> f64 {
+    if data.is_empty() {
+        return 0.0;
+    }
+    let mut counts = [0u32; 256];
+    for &byte in data {
+        counts[usize::from(byte)] += 1;
+    }
+    #[expect(clippy::cast_precision_loss, reason = "lengths are far below 2^52")]
+    let len = data.len() as f64;
+    counts
+        .iter()
+        .filter(|&&count| count > 0)
+        .map(|&count| {
+            let frequency = f64::from(count) / len;
+            -frequency * frequency.log2()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+
+    use super::*;
+    use crate::dlp::decode::tests::{gzip, gzip_bomb};
+    use crate::dlp::gitleaks::tests::gitleaks_file;
+
+    // Test-only values shaped like real credentials; none was ever issued.
+    const AWS_KEY: &str = "AKIAZ7Q3XK2M5RTB4WLE";
+    const GITHUB_TOKEN: &str = "ghp_R8f2kLq9ZxW3mN7vB5tY1cH4jD6sG0aE2pUo";
+    const CUSTODY_VALUE: &str = "sk-live-Qm9vYmFyQmF6UXV4-7f3a9c2e";
+
+    fn custody() -> Vec<CustodySecret> {
+        vec![CustodySecret {
+            name: "model-key".to_owned(),
+            value: CUSTODY_VALUE.to_owned(),
+            hosts: vec!["api.model.test".to_owned()],
+        }]
+    }
+
+    fn ids(findings: &[Finding]) -> Vec<&str> {
+        findings
+            .iter()
+            .map(|finding| finding.rule_id.as_str())
+            .collect()
+    }
+
+    fn rules_from(toml: &str) -> DlpRules {
+        let (rules, skipped) = DlpRules::from_gitleaks_toml(toml).expect("valid rule file");
+        assert_eq!(skipped, Vec::new());
+        rules
+    }
+
+    fn gitleaks_scanner() -> Scanner {
+        let (rules, skipped) =
+            DlpRules::from_gitleaks_toml(&gitleaks_file()).expect("valid rule file");
+        assert_eq!(skipped, Vec::new());
+        Scanner::new(rules, custody())
+    }
+
+    #[test]
+    fn planted_aws_key_and_github_token_with_builtin_rules() {
+        let scanner = Scanner::new(DlpRules::builtin(), Vec::new());
+        let body = format!(
+            "{{\"config\": \"aws_access_key_id = {AWS_KEY}\\n\", \"note\": \"push with {GITHUB_TOKEN} please\"}}"
+        );
+        let findings = scanner.scan(body.as_bytes());
+        assert_eq!(ids(&findings), vec!["aws-access-key-id", "github-pat"]);
+        assert_eq!(findings[0].offset, body.find(AWS_KEY).expect("planted"));
+        assert_eq!(findings[0].len, AWS_KEY.len());
+        assert_eq!(findings[0].excerpt, "AKIA…(20 bytes)");
+        assert_eq!(findings[0].action, Action::Block);
+        assert_eq!(findings[1].excerpt, "ghp_…(40 bytes)");
+    }
+
+    #[test]
+    fn planted_aws_key_and_github_token_with_the_gitleaks_rules() {
+        let scanner = gitleaks_scanner();
+        let body = format!(
+            "export AWS_ACCESS_KEY_ID={AWS_KEY}\ngit push https://{GITHUB_TOKEN}@forge.test/o/r\n"
+        );
+        let findings = scanner.scan(body.as_bytes());
+        let found = ids(&findings);
+        assert!(found.contains(&"aws-access-token"), "{found:?}");
+        assert!(found.contains(&"github-pat"), "{found:?}");
+        for finding in &findings {
+            let debug = format!("{finding:?}");
+            assert!(
+                !debug.contains(AWS_KEY) && !debug.contains(GITHUB_TOKEN),
+                "{debug}"
+            );
+        }
+    }
+
+    #[test]
+    fn custody_secret_base64_in_a_gzip_json_body() {
+        let scanner = gitleaks_scanner();
+        let encoded = STANDARD.encode(format!("user:{CUSTODY_VALUE}"));
+        let json = format!("{{\"messages\":[{{\"role\":\"user\",\"content\":\"{encoded}\"}}]}}");
+        let body = gzip(json.as_bytes());
+        let outcome = scanner.scan_body(&body, Some("gzip"), Some("collector.evil.test"));
+        let custody_hits: Vec<&Finding> = outcome
+            .findings()
+            .iter()
+            .filter(|finding| finding.rule_id == CUSTODY_RULE_ID)
+            .collect();
+        assert_eq!(custody_hits.len(), 1, "{outcome:?}");
+        assert_eq!(
+            custody_hits[0].kind,
+            FindingKind::CustodySecret {
+                credential: "model-key".to_owned(),
+                form: EncodedForm::Base64
+            }
+        );
+        assert!(outcome.blocks());
+        // Toward its own host the credential is expected.
+        let own = scanner.scan_body(&body, Some("gzip"), Some("API.model.test"));
+        assert!(
+            own.findings()
+                .iter()
+                .all(|finding| finding.rule_id != CUSTODY_RULE_ID),
+            "{own:?}"
+        );
+    }
+
+    #[test]
+    fn custody_secret_in_every_encoding() {
+        let scanner = Scanner::new(rules_from(""), custody());
+        let value = CUSTODY_VALUE.as_bytes();
+        let percent: String = CUSTODY_VALUE
+            .bytes()
+            .map(|byte| format!("%{byte:02X}"))
+            .collect();
+        let mut cases: Vec<(String, EncodedForm)> = vec![
+            (format!("x={CUSTODY_VALUE};"), EncodedForm::Raw),
+            (format!("hex={}", hex_lower(value)), EncodedForm::HexLower),
+            (
+                format!("HEX={}", hex_lower(value).to_ascii_uppercase()),
+                EncodedForm::HexUpper,
+            ),
+        ];
+        // Percent-encoding only differs from raw where the value has reserved characters.
+        let with_reserved = format!("{CUSTODY_VALUE}/+=");
+        let scanner_reserved = Scanner::new(
+            rules_from(""),
+            vec![CustodySecret {
+                name: "reserved".to_owned(),
+                value: with_reserved.clone(),
+                hosts: Vec::new(),
+            }],
+        );
+        let url_encoded = format!("q={CUSTODY_VALUE}%2F%2B%3D&x=1");
+        let findings = scanner_reserved.scan(url_encoded.as_bytes());
+        assert_eq!(findings.len(), 1, "{findings:?}");
+        assert!(matches!(
+            findings[0].kind,
+            FindingKind::CustodySecret {
+                form: EncodedForm::UrlEncoded,
+                ..
+            }
+        ));
+        assert_eq!(percent.len(), value.len() * 3);
+        for prefix in ["", "a", "ab"] {
+            let mut data = prefix.as_bytes().to_vec();
+            data.extend_from_slice(value);
+            data.extend_from_slice(b"!?>");
+            cases.push((STANDARD.encode(&data), EncodedForm::Base64));
+            // `!?>` after the value puts `-`/`_` into the URL-safe text, so it differs.
+            cases.push((URL_SAFE.encode(&data), EncodedForm::Base64Url));
+        }
+        for (text, form) in cases {
+            let findings = scanner.scan(text.as_bytes());
+            let forms: Vec<EncodedForm> = findings
+                .iter()
+                .filter_map(|finding| match finding.kind {
+                    FindingKind::CustodySecret { form, .. } => Some(form),
+                    _ => None,
+                })
+                .collect();
+            assert!(
+                forms.contains(&form)
+                    || (form == EncodedForm::Base64Url && forms.contains(&EncodedForm::Base64)),
+                "{form}: {forms:?}"
+            );
+        }
+    }
+
+    fn hex_lower(value: &[u8]) -> String {
+        value.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
+    #[test]
+    fn placeholder_to_the_wrong_host_is_an_exfiltration_attempt() {
+        // Shaped like a GitHub token, so the github-pat rule would match it too.
+        let placeholder = "ghp_BOTBOTTLEplaceholder0000000000000abcd";
+        let scanner = Scanner::with_placeholders(
+            DlpRules::builtin(),
+            Vec::new(),
+            vec![PlaceholderSecret {
+                name: "github".to_owned(),
+                placeholder: placeholder.to_owned(),
+                hosts: vec!["github.test".to_owned(), "*.github.test".to_owned()],
+            }],
+        );
+        let body = format!("token={placeholder}");
+        assert_eq!(
+            scanner.scan_for_host(body.as_bytes(), "api.github.test"),
+            Vec::new()
+        );
+        let findings = scanner.scan_for_host(body.as_bytes(), "paste.evil.test");
+        assert_eq!(ids(&findings), vec![PLACEHOLDER_RULE_ID]);
+        assert_eq!(
+            findings[0].kind,
+            FindingKind::Placeholder {
+                credential: "github".to_owned(),
+                form: EncodedForm::Raw
+            }
+        );
+    }
+
+    #[test]
+    fn basic_auth_header_carrying_a_custody_secret() {
+        let scanner = Scanner::new(DlpRules::builtin(), custody());
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-trace", http::HeaderValue::from_static("abc"));
+        let basic = format!("Basic {}", STANDARD.encode(format!("git:{CUSTODY_VALUE}")));
+        headers.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_str(&basic).expect("ascii"),
+        );
+        let findings = scanner.scan_headers(&headers, Some("evil.test"));
+        assert_eq!(ids(&findings), vec![CUSTODY_RULE_ID]);
+        assert_eq!(
+            findings[0].location,
+            Location::Header("authorization".to_owned())
+        );
+        assert!(findings[0].offset >= "Basic ".len());
+        assert!(
+            scanner
+                .scan_headers(&headers, Some("api.model.test"))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn keyword_prefilter_gates_the_rule() {
+        let scanner = Scanner::new(
+            rules_from(
+                "[[rules]]\nid = 'needs-kw'\nregex = 'code-[0-9]{6}'\nkeywords = ['MAGIC']\n",
+            ),
+            Vec::new(),
+        );
+        assert_eq!(scanner.scan(b"code-123456"), Vec::new());
+        assert_eq!(ids(&scanner.scan(b"magic: code-123456")), vec!["needs-kw"]);
+        assert_eq!(ids(&scanner.scan(b"code-123456 (MaGiC)")), vec!["needs-kw"]);
+    }
+
+    #[test]
+    fn entropy_threshold_and_secret_group() {
+        let scanner = Scanner::new(
+            rules_from(
+                "[[rules]]\nid = 'e'\nregex = '(k)=([a-z0-9]{12})'\nsecretGroup = 2\nentropy = 3.0\n",
+            ),
+            Vec::new(),
+        );
+        // 12 distinct characters: log2(12) ≈ 3.58 bits; "aaaabbbbcccc": log2(3) ≈ 1.58.
+        let findings = scanner.scan(b"k=a1b2c3d4e5f6");
+        assert_eq!(ids(&findings), vec!["e"]);
+        assert_eq!(findings[0].offset, 2);
+        assert_eq!(findings[0].len, 12);
+        assert_eq!(scanner.scan(b"k=aaaabbbbcccc"), Vec::new());
+        assert!((shannon_entropy(b"abcd") - 2.0).abs() < 1e-9);
+        assert!(shannon_entropy(b"aaaa").abs() < 1e-9);
+    }
+
+    #[test]
+    fn first_nonempty_group_is_the_secret_by_default() {
+        let scanner = Scanner::new(
+            rules_from("[[rules]]\nid = 'g'\nregex = 'id=(?:(x+)|(y+))'\n"),
+            Vec::new(),
+        );
+        let findings = scanner.scan(b"id=yyy");
+        assert_eq!((findings[0].offset, findings[0].len), (3, 3));
+    }
+
+    fn one_rule_with_allowlist(allowlist: &str) -> Scanner {
+        let toml = format!(
+            "[[rules]]\nid = 'tok'\nregex = 'tok_([a-z0-9]{{8}})'\n[[rules.allowlists]]\n{allowlist}\n"
+        );
+        Scanner::new(rules_from(&toml), Vec::new())
+    }
+
+    #[test]
+    fn allowlist_regex_targets() {
+        let secret = one_rule_with_allowlist("regexes = ['^test']");
+        assert_eq!(secret.scan(b"tok_test1234"), Vec::new());
+        assert_eq!(ids(&secret.scan(b"tok_prod1234")), vec!["tok"]);
+        // The secret is `test1234`, so `^tok_` only matches with `match` as the target.
+        let on_secret = one_rule_with_allowlist("regexes = ['^tok_']");
+        assert_eq!(ids(&on_secret.scan(b"tok_prod1234")), vec!["tok"]);
+        let on_match = one_rule_with_allowlist("regexTarget = 'match'\nregexes = ['^tok_']");
+        assert_eq!(on_match.scan(b"tok_prod1234"), Vec::new());
+        let on_line = one_rule_with_allowlist("regexTarget = 'line'\nregexes = ['^# example']");
+        assert_eq!(on_line.scan(b"# example tok_prod1234\n"), Vec::new());
+        assert_eq!(
+            ids(&on_line.scan(b"# example\nvalue tok_prod1234\n")),
+            vec!["tok"]
+        );
+    }
+
+    #[test]
+    fn allowlist_stopwords_and_conditions() {
+        let stopwords = one_rule_with_allowlist("stopwords = ['DUMMY']");
+        assert_eq!(stopwords.scan(b"tok_dummy123"), Vec::new());
+        assert_eq!(ids(&stopwords.scan(b"tok_prod1234")), vec!["tok"]);
+
+        let or = one_rule_with_allowlist("regexes = ['^0']\nstopwords = ['dummy']");
+        assert_eq!(or.scan(b"tok_0abcdefg"), Vec::new());
+        assert_eq!(or.scan(b"tok_dummy123"), Vec::new());
+
+        let and =
+            one_rule_with_allowlist("condition = 'AND'\nregexes = ['^0']\nstopwords = ['dummy']");
+        assert_eq!(ids(&and.scan(b"tok_0abcdefg")), vec!["tok"]);
+        assert_eq!(ids(&and.scan(b"tok_dummy123")), vec!["tok"]);
+        assert_eq!(and.scan(b"tok_0dummy12"), Vec::new());
+
+        // A path can never match an HTTP message, so an AND list naming one never applies,
+        // and an OR list falls back on its other checks.
+        let and_path =
+            one_rule_with_allowlist("condition = 'AND'\npaths = ['.*']\nstopwords = ['dummy']");
+        assert_eq!(ids(&and_path.scan(b"tok_dummy123")), vec!["tok"]);
+        let or_path = one_rule_with_allowlist("paths = ['.*']\nstopwords = ['dummy']");
+        assert_eq!(or_path.scan(b"tok_dummy123"), Vec::new());
+    }
+
+    #[test]
+    fn global_and_targeted_allowlists() {
+        let scanner = Scanner::new(
+            rules_from(
+                "[allowlist]\nregexes = ['^glob']\n\
+                 [[allowlists]]\ntargetRules = ['b']\nstopwords = ['only']\n\
+                 [[rules]]\nid = 'a'\nregex = 'a_([a-z0-9]{8})'\n\
+                 [[rules]]\nid = 'b'\nregex = 'b_([a-z0-9]{8})'\n",
+            ),
+            Vec::new(),
+        );
+        assert_eq!(scanner.scan(b"a_globabcd b_globabcd"), Vec::new());
+        assert_eq!(ids(&scanner.scan(b"a_onlyabcd b_onlyabcd")), vec!["a"]);
+    }
+
+    #[test]
+    fn per_rule_actions() {
+        let body = b"tok_prod1234";
+        let rules =
+            rules_from("[[rules]]\nid = 'tok'\nregex = 'tok_[a-z0-9]{8}'\naction = 'log'\n");
+        let findings = Scanner::new(rules.clone(), Vec::new()).scan(body);
+        assert_eq!(findings[0].action, Action::Log);
+        let mut rules = rules;
+        rules.set_action("tok", Action::Block).expect("known id");
+        assert_eq!(
+            Scanner::new(rules, Vec::new()).scan(body)[0].action,
+            Action::Block
+        );
+        let defaulted = rules_from("[[rules]]\nid = 'tok'\nregex = 'tok_[a-z0-9]{8}'\n")
+            .with_default_action(Action::Log);
+        assert_eq!(
+            Scanner::new(defaulted, Vec::new()).scan(body)[0].action,
+            Action::Log
+        );
+    }
+
+    #[test]
+    fn cap_and_bomb_give_too_large_with_findings_from_the_prefix() {
+        let scanner = Scanner::new(DlpRules::builtin(), Vec::new()).with_max_decoded(64);
+        let mut body = format!("key {AWS_KEY} ").into_bytes();
+        body.resize(200, b' ');
+        let outcome = scanner.scan_body(&body, None, None);
+        match &outcome {
+            ScanOutcome::TooLarge { limit, findings } => {
+                assert_eq!(*limit, 64);
+                assert_eq!(ids(findings), vec!["aws-access-key-id"]);
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        let scanner = Scanner::new(DlpRules::builtin(), Vec::new()).with_max_decoded(1 << 20);
+        assert_eq!(
+            scanner.scan_body(&gzip_bomb(), Some("gzip"), None),
+            ScanOutcome::TooLarge {
+                limit: 1 << 20,
+                findings: Vec::new()
+            }
+        );
+        assert_eq!(
+            scanner.scan_body(b"plain", None, None),
+            ScanOutcome::Scanned(Vec::new())
+        );
+        assert!(matches!(
+            scanner.scan_body(b"xx", Some("compress"), None),
+            ScanOutcome::Undecodable { .. }
+        ));
+    }
+}
