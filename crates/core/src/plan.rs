@@ -36,6 +36,8 @@ pub const BASE_PACKAGES: &[&str] = &[
     "procps",
     "less",
     "python3",
+    // useradd/groupadd for the agent user; `--variant=apt` leaves them out.
+    "passwd",
 ];
 
 /// What the caller asked for.
@@ -96,6 +98,8 @@ pub struct ImagePlan {
     pub tag: String,
     /// When resuming, the frozen image to start from instead of `tag`.
     pub resume_from: Option<String>,
+    /// The build context: the directory of the user's Dockerfile, if one is used.
+    pub context: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -319,6 +323,10 @@ pub fn plan(
             dockerfile,
             tag,
             resume_from: spec.resume_image.clone(),
+            context: composed
+                .dockerfile
+                .as_ref()
+                .and_then(|path| path.parent().map(PathBuf::from)),
         },
         argv,
         env,

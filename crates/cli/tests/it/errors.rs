@@ -1,0 +1,146 @@
+//! Bad input gets a clear error, a hint and a nonzero, documented exit code.
+
+use crate::common::{stderr, stdout, Project, COMMAND_BOTTLE};
+
+fn project() -> Project {
+    let project = Project::new();
+    project
+        .agent("worker", "---\nprovider: command\ncommand: [\"true\"]\nbottles: plain\n---\nWork.\n")
+        .agent("lonely", "---\nprovider: claude\n---\n")
+        .bottle("plain", COMMAND_BOTTLE);
+    project
+}
+
+fn assert_error(output: &std::process::Output, code: i32, needles: &[&str]) {
+    let err = stderr(output);
+    assert_eq!(output.status.code(), Some(code), "{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "expected `{needle}` in:\n{err}");
+    }
+    assert!(err.contains("hint:"), "no hint in:\n{err}");
+}
+
+#[test]
+fn headless_without_agent() {
+    let out = project().run(&["start", "--headless", "--prompt", "x"]);
+    assert_error(&out, 2, &["--headless requires an agent name"]);
+}
+
+#[test]
+fn headless_without_prompt() {
+    let out = project().run(&["start", "worker", "--headless"]);
+    assert_error(&out, 2, &["--headless requires --prompt"]);
+}
+
+#[test]
+fn prompt_without_headless() {
+    let out = project().run(&["start", "worker", "--prompt", "x"]);
+    assert_error(&out, 2, &["--prompt is only valid with --headless"]);
+    let out = project().run(&["resume", "worker-abcde", "--prompt", "x"]);
+    assert_error(&out, 2, &["--prompt is only valid with --headless"]);
+}
+
+#[test]
+fn resume_headless_without_prompt() {
+    let out = project().run(&["resume", "worker-abcde", "--headless"]);
+    assert_error(&out, 2, &["--headless requires --prompt"]);
+}
+
+#[test]
+fn resume_unknown_slug_suggests_ps() {
+    let out = project().run(&["resume", "worker-abcde", "--headless", "--prompt", "x"]);
+    assert_error(&out, 66, &["no state recorded for `worker-abcde`", "bot-bottle ps"]);
+}
+
+#[test]
+fn unknown_agent_lists_known_ones() {
+    let out = project().run(&["start", "nobody", "--headless", "--prompt", "x", "--dry-run"]);
+    assert_error(&out, 78, &["unknown agent `nobody`", "`worker`"]);
+}
+
+#[test]
+fn agent_without_default_bottle() {
+    let out = project().run(&["start", "lonely", "--headless", "--prompt", "x", "--dry-run"]);
+    assert_error(&out, 78, &["agent `lonely` has no default bottle", "--bottle NAME"]);
+}
+
+#[test]
+fn unknown_bottle() {
+    let out = project().run(&["start", "worker", "--headless", "--prompt", "x", "--bottle", "nope", "--dry-run"]);
+    assert_error(&out, 78, &["unknown bottle `nope`", "`plain`"]);
+}
+
+#[test]
+fn malformed_manifest_names_file_and_line() {
+    let project = project();
+    project.bottle("broken", "---\negress:\n  rules: []\nimgae: {}\n---\n");
+    let out = project.run(&["start", "worker", "--headless", "--prompt", "x", "--dry-run"]);
+    assert_error(&out, 78, &["bottles/broken.md:4:", "imgae", "known keys here"]);
+}
+
+#[test]
+fn bad_egress_rule_is_refused() {
+    let project = project();
+    project.bottle("plain", "---\negress:\n  rules:\n    - host: \"\"\n---\n");
+    let out = project.run(&["start", "worker", "--headless", "--prompt", "x", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(stderr(&out).contains("bottles/plain.md"), "{}", stderr(&out));
+}
+
+#[test]
+fn unreachable_docker_daemon() {
+    let mut project = project();
+    project.env.push(("DOCKER_HOST".into(), "unix:///nonexistent/docker.sock".into()));
+    let out = project.run(&["start", "worker", "--headless", "--prompt", "x"]);
+    assert_error(&out, 69, &["cannot reach the Docker engine", "DOCKER_HOST"]);
+}
+
+#[test]
+fn unknown_backend() {
+    let out = project().run(&["start", "worker", "--headless", "--prompt", "x", "--backend", "vmware", "--dry-run"]);
+    assert_error(&out, 78, &["unknown backend `vmware`"]);
+}
+
+#[test]
+fn audit_of_unknown_slug() {
+    let out = project().run(&["audit", "verify", "worker-zzzzz"]);
+    assert_error(&out, 66, &["no audit log for `worker-zzzzz`"]);
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_launches_nothing() {
+    let project = project();
+    let mut cmd = project.cmd(&["start", "worker", "--headless", "--prompt", "Do it"]);
+    cmd.env("BOT_BOTTLE_DRY_RUN", "1").env("DOCKER_HOST", "unix:///nonexistent/docker.sock");
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out).replace(&project.path().display().to_string(), "[PROJECT]");
+    insta::assert_snapshot!("dry_run_plan", text);
+    assert!(project.state_dirs().is_empty());
+}
+
+#[test]
+fn dry_run_json_is_machine_readable() {
+    let out = project().run(&["start", "worker", "--headless", "--prompt", "Do it", "--dry-run", "--json"]);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["agent"], "worker");
+    assert_eq!(plan["bottles"], serde_json::json!(["plain"]));
+    assert_eq!(plan["env"]["HTTPS_PROXY"], "http://127.0.0.1:3128");
+    assert_eq!(plan["env"]["NO_PROXY"], "localhost,127.0.0.1,::1");
+}
+
+#[test]
+fn agents_and_bottles_list_where_they_came_from() {
+    let out = project().run(&["agents", "--json"]);
+    let agents: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(agents[1]["name"], "worker");
+    assert_eq!(agents[1]["origin"], "project");
+    let out = project().run(&["bottles"]);
+    assert!(stdout(&out).contains("plain"), "{}", stdout(&out));
+}
+
+#[test]
+fn help_snapshot() {
+    let out = std::process::Command::new(crate::common::bin()).args(["start", "--help"]).output().unwrap();
+    insta::assert_snapshot!("start_help", stdout(&out));
+}

@@ -1,0 +1,139 @@
+//! Docker: the bottle lifecycle and the sealed network, with the `command` provider.
+
+use crate::common::{slug_of, stderr, stdout, Project, COMMAND_BOTTLE};
+
+/// Writes a note on the first session; prints it when resumed with the prompt `check`.
+const NOTE_AGENT: &str = r#"---
+provider: command
+command: ["bash", "-c", "if [ \"$BOT_BOTTLE_PROMPT\" = check ]; then cat /workspace/note.txt; else echo \"frozen $BOT_BOTTLE_PROMPT\" > /workspace/note.txt; echo written; fi"]
+bottles: plain
+---
+"#;
+
+#[test]
+fn docker_start_freeze_resume_destroy() {
+    let project = Project::new();
+    project.agent("noter", NOTE_AGENT).bottle("plain", COMMAND_BOTTLE);
+    // --cwd copies the workspace in, so the note lives only in the bottle's filesystem
+    // and survives only through freeze → resume.
+    let out = project.run(&["start", "noter", "--headless", "--prompt", "data", "--cwd", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let slug = slug_of(&out);
+    assert!(!project.path().join("note.txt").exists(), "copy mode must not write to the host");
+
+    let out = project.run(&["freeze", &slug, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let frozen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(frozen["status"], "frozen");
+
+    let out = project.run(&["ps", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["slug"], slug.as_str());
+    assert_eq!(rows[0]["status"], "frozen");
+
+    let out = project.run(&["resume", &slug, "--headless", "--prompt", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("frozen data"), "resume did not see the file: {}", stdout(&out));
+
+    let out = project.run(&["destroy", &slug]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(project.state_dirs().is_empty(), "state dir left behind");
+    let out = project.run(&["ps", "--json"]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!([]));
+    let images = std::process::Command::new("docker").args(["images", "-q", "--filter", &format!("label=dev.bot-bottle.slug={slug}")]).output().unwrap();
+    assert_eq!(stdout(&images).trim(), "", "frozen image left behind");
+    // Destroying again is not an error.
+    let out = project.run(&["destroy", &slug]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn docker_exit_code_passes_through_and_bind_mount_writes_to_host() {
+    let project = Project::new();
+    project
+        .agent("exiter", "---\nprovider: command\ncommand: [\"bash\", \"-c\", \"echo hi > /workspace/out.txt; exit 7\"]\nbottles: plain\n---\n")
+        .bottle("plain", COMMAND_BOTTLE);
+    let out = project.run(&["start", "exiter", "--headless", "--prompt", "x"]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(project.path().join("out.txt")).unwrap(), "hi\n");
+}
+
+#[test]
+fn docker_label_collision_is_uniquified() {
+    let project = Project::new();
+    project
+        .agent("sleeper", "---\nprovider: command\ncommand: [\"sleep\", \"20\"]\nbottles: plain\n---\n")
+        .bottle("plain", COMMAND_BOTTLE);
+    let mut first = project.cmd(&["start", "sleeper", "--headless", "--prompt", "x", "--json"]).spawn().unwrap();
+    // Wait until the first bottle is running.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let out = project.run(&["ps", "--json"]);
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if rows.as_array().is_some_and(|rows| rows.iter().any(|r| r["status"] == "running")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "first bottle never ran");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let out = project.run(&["start", "sleeper", "--headless", "--prompt", "x", "--dry-run"]);
+    assert!(stdout(&out).contains("label      sleeper\n"), "dry run does not uniquify: {}", stdout(&out));
+    let mut second = project.cmd(&["start", "sleeper", "--headless", "--prompt", "x"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let _ = second.kill();
+    let _ = first.kill();
+    let err = std::io::read_to_string(second.stderr.take().unwrap()).unwrap_or_default();
+    assert!(err.contains("label `sleeper` is in use by a running bottle; using `sleeper-2`"), "{err}");
+}
+
+/// Every way out that bypasses the gateway must fail; the gateway's own answer to a
+/// disallowed host is a 403 with a reason header, and it is audited.
+const ESCAPE_SCRIPT: &str = r#"
+try() { if eval "$2" >/dev/null 2>&1; then echo "ESCAPED $1"; else echo "SEALED $1"; fi; }
+# 192.0.2.1 and 2001:db8::1 are documentation addresses: nothing answers there even
+# if a packet could leave, which it cannot (the bottle has no interface but lo).
+try direct-ip 'curl --noproxy "*" -sS -m 5 http://192.0.2.1/'
+try dns 'getent hosts example.com'
+try udp 'echo x > /dev/udp/192.0.2.1/53'
+try ipv6 'curl --noproxy "*" -sS -m 5 "http://[2001:db8::1]/"'
+try no-proxy-vars 'env -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy curl -sS -m 5 http://blocked.example/'
+curl -sS -m 10 -o /dev/null -D - http://blocked.example/path | tr -d '\r' | grep -i -E '^(HTTP/|x-bot-bottle-block)'
+curl -sS -m 10 https://blocked.example/ 2>&1 | head -1
+ip -o link 2>/dev/null | cut -d: -f2 | tr -d ' ' | tr '\n' ' ' ; cat /sys/class/net/*/operstate >/dev/null 2>&1; ls /sys/class/net
+"#;
+
+#[test]
+fn docker_sealed_network() {
+    let project = Project::new();
+    let agent = format!(
+        "---\nprovider: command\ncommand: [\"bash\", \"-c\", {}]\nbottles: plain\n---\n",
+        serde_json::to_string(ESCAPE_SCRIPT).unwrap()
+    );
+    project.agent("escaper", &agent).bottle("plain", COMMAND_BOTTLE);
+    let out = project.run(&["start", "escaper", "--headless", "--prompt", "x", "--json"]);
+    let text = stdout(&out);
+    for attempt in ["direct-ip", "dns", "udp", "ipv6", "no-proxy-vars"] {
+        assert!(text.contains(&format!("SEALED {attempt}")), "{attempt} not sealed:\n{text}");
+    }
+    assert!(!text.contains("ESCAPED"), "{text}");
+    assert!(text.contains("HTTP/1.1 403"), "{text}");
+    assert!(text.contains("x-bot-bottle-block: not-in-allowlist"), "{text}");
+    // Only loopback exists inside.
+    assert!(text.lines().any(|line| line.trim() == "lo"), "{text}");
+    let slug = project.state_dirs().pop().unwrap();
+    let blocks: Vec<serde_json::Value> = project
+        .audit_lines(&slug)
+        .into_iter()
+        .filter(|event| event["decision"] == "block")
+        .collect();
+    assert!(
+        blocks.iter().any(|e| e["host"] == "blocked.example" && e["method"] == "GET"),
+        "no audit entry for the plain-HTTP block: {blocks:?}"
+    );
+    assert!(
+        blocks.iter().any(|e| e["host"] == "blocked.example" && e["method"] == "CONNECT"),
+        "no audit entry for the CONNECT block: {blocks:?}"
+    );
+    let verify = project.run(&["audit", "verify", &slug]);
+    assert_eq!(verify.status.code(), Some(0), "{}", stderr(&verify));
+}

@@ -1,0 +1,11 @@
+//! Integration tests of the `bot-bottle` binary. One binary for the crate keeps link
+//! time down; modules group the cases.
+//!
+//! Tests marked "docker" use the real Docker engine, which CI installs and starts.
+//! They fail (never skip) when it is missing. Every launch runs the gateway with
+//! `BOT_BOTTLE_LOOPBACK_ONLY=1`, so a mistake fails a test instead of reaching out.
+
+mod common;
+mod errors;
+mod lifecycle;
+mod agents;

@@ -1,0 +1,175 @@
+//! `container_config(plan, …) → ContainerCreateBody`: the bottle in Docker's terms,
+//! as a pure function so a snapshot test can review it without a daemon.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bot_bottle_core::plan::{
+    BOTTLE_RUN_DIR, BOTTLE_SHIM_PATH, BottlePlan, GATEWAY_SOCKET, PROXY_PORT, Workspace,
+};
+use bot_bottle_core::provider::WORKSPACE;
+
+/// Label keys; `ps` and cleanup find bottles by them after a crash.
+pub const LABEL_MANAGED: &str = "dev.bot-bottle.managed";
+pub const LABEL_SLUG: &str = "dev.bot-bottle.slug";
+pub const LABEL_AGENT: &str = "dev.bot-bottle.agent";
+pub const LABEL_KIND: &str = "dev.bot-bottle.kind";
+
+/// Default pid limit when the bottle sets none: enough for npm and a build, not for a
+/// fork bomb.
+pub const DEFAULT_PIDS_LIMIT: i64 = 4096;
+
+/// Host paths the container needs besides the plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPaths {
+    /// `state/<slug>/run`, mounted at `/run/bot-bottle`.
+    pub run_dir: PathBuf,
+    /// The static bot-bottle binary, mounted read-only as the shim.
+    pub shim_binary: PathBuf,
+}
+
+/// Extra environment computed at launch (credential placeholders). Never secrets.
+pub type LaunchEnv = Vec<(String, String)>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "invalid memory size `{value}`\nhint: use a number with an optional unit, e.g. `512m` or `4g`"
+    )]
+    Memory { value: String },
+    #[error(
+        "mount source `{path}` does not exist\nhint: create it, or fix `mounts:` in the bottle manifest"
+    )]
+    MountSource { path: PathBuf },
+}
+
+/// Parses `512m`, `4g`, `1024k` or bytes.
+pub fn parse_memory(value: &str) -> Result<i64, ConfigError> {
+    let err = || ConfigError::Memory {
+        value: value.to_owned(),
+    };
+    let text = value.trim().to_ascii_lowercase();
+    let text = text.strip_suffix('b').unwrap_or(&text);
+    let (digits, multiplier) = match text.chars().last() {
+        Some('k') => (&text[..text.len() - 1], 1i64 << 10),
+        Some('m') => (&text[..text.len() - 1], 1 << 20),
+        Some('g') => (&text[..text.len() - 1], 1 << 30),
+        Some('t') => (&text[..text.len() - 1], 1 << 40),
+        _ => (text, 1),
+    };
+    let number: f64 = digits.trim().parse().map_err(|_| err())?;
+    if !(number.is_finite() && number > 0.0) {
+        return Err(err());
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+    let bytes = (number * multiplier as f64) as i64;
+    Ok(bytes)
+}
+
+fn bind(source: &Path, target: &str, readonly: bool) -> String {
+    let mode = if readonly { "ro" } else { "rw" };
+    format!("{}:{target}:{mode}", source.display())
+}
+
+/// The container for one bottle session.
+pub fn container_config(
+    plan: &BottlePlan,
+    slug: &str,
+    image: &str,
+    paths: &HostPaths,
+    launch_env: &LaunchEnv,
+) -> Result<ContainerCreateBody, ConfigError> {
+    let mut entrypoint = vec![
+        BOTTLE_SHIM_PATH.to_owned(),
+        "shim".to_owned(),
+        "--forward".to_owned(),
+        format!("{PROXY_PORT}={BOTTLE_RUN_DIR}/{GATEWAY_SOCKET}"),
+        "--".to_owned(),
+    ];
+    entrypoint.extend(plan.argv.iter().cloned());
+
+    let mut env: Vec<String> = plan.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    env.extend(launch_env.iter().map(|(k, v)| format!("{k}={v}")));
+
+    let mut binds = vec![
+        bind(&paths.run_dir, BOTTLE_RUN_DIR, false),
+        bind(&paths.shim_binary, BOTTLE_SHIM_PATH, true),
+    ];
+    if let Workspace::Bind { host } = &plan.workspace {
+        binds.push(bind(host, WORKSPACE, false));
+    }
+    for mount in &plan.mounts {
+        binds.push(bind(
+            &mount.source,
+            &mount.target.to_string_lossy(),
+            mount.readonly,
+        ));
+    }
+
+    let memory = plan
+        .resources
+        .memory
+        .as_deref()
+        .map(parse_memory)
+        .transpose()?;
+    #[allow(clippy::cast_possible_truncation)]
+    let nano_cpus = plan.resources.cpus.map(|cpus| (cpus * 1e9) as i64);
+
+    let labels = HashMap::from([
+        (LABEL_MANAGED.to_owned(), "1".to_owned()),
+        (LABEL_SLUG.to_owned(), slug.to_owned()),
+        (LABEL_AGENT.to_owned(), plan.agent.clone()),
+        (LABEL_KIND.to_owned(), "bottle".to_owned()),
+    ]);
+
+    let interactive = !plan.headless;
+    Ok(ContainerCreateBody {
+        image: Some(image.to_owned()),
+        hostname: Some("bottle".to_owned()),
+        user: Some(format!("{0}:{0}", plan.agent_uid)),
+        entrypoint: Some(entrypoint),
+        cmd: Some(Vec::new()),
+        env: Some(env),
+        working_dir: Some(WORKSPACE.to_owned()),
+        labels: Some(labels),
+        tty: Some(interactive),
+        open_stdin: Some(interactive),
+        stdin_once: Some(interactive),
+        attach_stdin: Some(interactive),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        network_disabled: Some(false),
+        host_config: Some(HostConfig {
+            // No interface but loopback: the gateway socket is the only way out.
+            network_mode: Some("none".to_owned()),
+            cap_drop: Some(vec!["ALL".to_owned()]),
+            security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
+            binds: Some(binds),
+            memory,
+            memory_swap: memory,
+            nano_cpus,
+            pids_limit: Some(plan.resources.pids.unwrap_or(DEFAULT_PIDS_LIMIT)),
+            // The shim is PID 1 and reaps; Docker's own init would sit in front of it.
+            init: Some(false),
+            ipc_mode: Some("private".to_owned()),
+            ..HostConfig::default()
+        }),
+        ..ContainerCreateBody::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_memory("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_memory("1.5g").unwrap(), 3 << 29);
+        assert_eq!(parse_memory("2048").unwrap(), 2048);
+        assert!(parse_memory("lots").is_err());
+        assert!(parse_memory("-1g").is_err());
+    }
+}

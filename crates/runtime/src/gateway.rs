@@ -1,0 +1,94 @@
+//! The bottle's egress gateway, for the length of one session: started on
+//! `state/<slug>/run/egress.sock` before the container, stopped after it.
+
+use std::path::Path;
+
+use bot_bottle_core::plan::BottlePlan;
+use bot_bottle_core::state::BottleDir;
+use bot_bottle_egress::{GatewayConfig, GatewayHandle, Listen};
+
+use crate::launch::{GatewaySettings, RuntimeError};
+
+/// A running gateway and what the bottle needs from it.
+pub struct SessionGateway {
+    handle: GatewayHandle,
+    placeholder_env: Vec<(String, String)>,
+    ca_pem: Option<String>,
+}
+
+/// Starts the gateway of one bottle session.
+pub async fn start(
+    plan: &BottlePlan,
+    bottle: &BottleDir,
+    socket: &Path,
+    settings: &GatewaySettings,
+) -> Result<SessionGateway, RuntimeError> {
+    if let Some(credential) = plan.credentials.first() {
+        return Err(RuntimeError::Gateway {
+            message: format!(
+                "credential `{}` needs credential custody, which this gateway does not provide yet",
+                credential.name
+            ),
+        });
+    }
+    let mut config = GatewayConfig::new(
+        Listen::Unix(socket.to_owned()),
+        plan.egress.clone(),
+        bottle.egress_log(),
+    );
+    config.upstream_overrides = settings.upstream_overrides.clone();
+    config.loopback_only = settings.loopback_only;
+    let handle = bot_bottle_egress::start(config)
+        .await
+        .map_err(|err| RuntimeError::Gateway {
+            message: error_chain(&err),
+        })?;
+    // The bottle's user (another uid) connects through the bind mount; the state
+    // directory above `run/` is private to this user, so nobody else reaches it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666)).map_err(|source| {
+        RuntimeError::Io {
+            path: socket.to_owned(),
+            source,
+        }
+    })?;
+    Ok(SessionGateway {
+        handle,
+        placeholder_env: Vec::new(),
+        ca_pem: None,
+    })
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl SessionGateway {
+    /// Environment variables that hold credential placeholders (never real values).
+    #[must_use]
+    pub fn placeholder_env(&self) -> Vec<(String, String)> {
+        self.placeholder_env.clone()
+    }
+
+    /// The gateway CA certificate the bottle must trust, when it intercepts TLS.
+    #[must_use]
+    pub fn ca_pem(&self) -> Option<String> {
+        self.ca_pem.clone()
+    }
+
+    /// Resolves when the gateway has failed; never, while it serves.
+    pub async fn failed(&self) -> String {
+        std::future::pending::<String>().await
+    }
+
+    pub async fn shutdown(self) {
+        self.handle.shutdown().await;
+    }
+}

@@ -1,0 +1,590 @@
+//! The launch core: prepare → preflight → launch → attach → capture → teardown, and
+//! the lifecycle operations on a bottle afterwards (freeze, resume, destroy, ps).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bot_bottle_core::manifest::{Catalog, ManifestError};
+use bot_bottle_core::plan::{
+    BottlePlan, BottleSpec, GATEWAY_SOCKET, HostFacts, PlanError, Workspace, plan,
+};
+use bot_bottle_core::provider::{AGENT_HOME, BOTTLE_CA_PATH, WORKSPACE};
+use bot_bottle_core::slug::{new_identity, slugify, uniquify_label};
+use bot_bottle_core::state::{BottleDir, Home, Metadata, StateError, Status};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::container::{ConfigError, HostPaths, container_config};
+use crate::docker::{Archive, DockerEngine, DockerError};
+use crate::images::ensure_bottle_image;
+use crate::progress::Progress;
+
+/// Exit codes of bot-bottle's own failures. The agent's own exit code passes through
+/// unchanged, so these sit in a range agents rarely use; `--json` output tells the two
+/// apart for machines.
+pub mod exit_codes {
+    /// Bad flags or arguments.
+    pub const USAGE: i32 = 2;
+    /// A manifest, plan or policy error: fix the input.
+    pub const CONFIG: i32 = 78;
+    /// The container backend is unreachable or failed.
+    pub const BACKEND: i32 = 69;
+    /// An image build failed.
+    pub const BUILD: i32 = 73;
+    /// Unknown slug, missing or unreadable state.
+    pub const STATE: i32 = 66;
+    /// The egress gateway failed; the bottle was stopped (fail closed).
+    pub const GATEWAY: i32 = 76;
+    /// The user declined the preflight.
+    pub const DECLINED: i32 = 75;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(
+        "egress gateway failed to start: {message}\nhint: check the bottle's egress policy; a bottle never runs without its gateway"
+    )]
+    Gateway { message: String },
+    #[error(
+        "no state recorded for `{slug}`\nhint: run `bot-bottle ps` to list bottles, or `bot-bottle start` to create one"
+    )]
+    UnknownSlug { slug: String },
+    #[error(
+        "bottle `{slug}` has no container or frozen image to {action}\nhint: it may have been destroyed; run `bot-bottle ps`"
+    )]
+    NothingToResume { slug: String, action: String },
+    #[error(
+        "the workspace `{path}` is not writable by the bottle's user (uid {uid})\nhint: pass `--cwd` to copy the workspace into the bottle instead, or make the directory writable by uid {uid}"
+    )]
+    WorkspaceNotWritable { path: PathBuf, uid: u32 },
+    #[error("launch cancelled")]
+    Declined,
+    #[error("cannot access `{path}`")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RuntimeError {
+    /// The documented exit code for this failure.
+    #[must_use]
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Manifest(_)
+            | Self::Plan(_)
+            | Self::Config(_)
+            | Self::WorkspaceNotWritable { .. } => exit_codes::CONFIG,
+            Self::State(_) | Self::UnknownSlug { .. } | Self::NothingToResume { .. } => {
+                exit_codes::STATE
+            }
+            Self::Docker(
+                DockerError::Build { .. }
+                | DockerError::Mmdebstrap { .. }
+                | DockerError::NoMmdebstrap,
+            ) => exit_codes::BUILD,
+            Self::Docker(_) | Self::Io { .. } => exit_codes::BACKEND,
+            Self::Gateway { .. } => exit_codes::GATEWAY,
+            Self::Declined => exit_codes::DECLINED,
+        }
+    }
+}
+
+/// Test and operator switches of the gateway. Every test turns both on, so a mistake
+/// fails the test instead of reaching the internet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatewaySettings {
+    /// host → loopback address (`BOT_BOTTLE_UPSTREAM_OVERRIDES=host=127.0.0.1:port,…`).
+    pub upstream_overrides: HashMap<String, SocketAddr>,
+    /// Refuse every upstream that is not loopback (`BOT_BOTTLE_LOOPBACK_ONLY=1`).
+    pub loopback_only: bool,
+    /// Extra PEM roots the gateway trusts upstream (`BOT_BOTTLE_UPSTREAM_CA=path`).
+    pub upstream_ca: Option<PathBuf>,
+}
+
+impl GatewaySettings {
+    /// Reads the settings from the environment.
+    pub fn from_env() -> Result<Self, RuntimeError> {
+        let mut settings = Self::default();
+        if let Ok(text) = std::env::var("BOT_BOTTLE_UPSTREAM_OVERRIDES") {
+            settings.upstream_overrides =
+                parse_overrides(&text).map_err(|message| RuntimeError::Gateway { message })?;
+        }
+        settings.loopback_only =
+            std::env::var("BOT_BOTTLE_LOOPBACK_ONLY").is_ok_and(|v| v == "1" || v == "true");
+        settings.upstream_ca = std::env::var_os("BOT_BOTTLE_UPSTREAM_CA").map(PathBuf::from);
+        Ok(settings)
+    }
+}
+
+/// Parses `host=127.0.0.1:port,host2=[::1]:port`.
+pub fn parse_overrides(text: &str) -> Result<HashMap<String, SocketAddr>, String> {
+    let mut map = HashMap::new();
+    for item in text
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+    {
+        let (host, addr) = item
+            .split_once('=')
+            .ok_or_else(|| format!("upstream override `{item}` is not HOST=ADDR:PORT"))?;
+        let addr: SocketAddr = addr.parse().map_err(|_| {
+            format!("upstream override `{item}`: `{addr}` is not an address with a port")
+        })?;
+        map.insert(host.to_ascii_lowercase(), addr);
+    }
+    Ok(map)
+}
+
+/// How to launch.
+pub struct LaunchOptions {
+    pub home: Home,
+    pub progress: Progress,
+    /// The static bot-bottle binary mounted into the bottle as its shim.
+    pub shim_binary: PathBuf,
+    pub gateway: GatewaySettings,
+    /// Asked with the rendered plan before launching; `None` launches without asking
+    /// (headless). Returns whether to go on.
+    pub confirm: Option<Box<dyn Fn(&BottlePlan) -> bool + Send + Sync>>,
+}
+
+/// The result of one agent session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionOutcome {
+    pub slug: String,
+    pub exit_code: i32,
+    pub audit_log: PathBuf,
+}
+
+/// The agent uid: the host user's, so bind-mounted files keep their owner; 1000 when
+/// the host user is root, because the agent never runs as root.
+#[must_use]
+pub fn agent_uid_for_host() -> u32 {
+    match nix::unistd::getuid().as_raw() {
+        0 => 1000,
+        uid => uid,
+    }
+}
+
+/// Loads the manifests and resolves the plan (pure apart from reading files).
+pub fn make_plan(spec: &BottleSpec, home: &Home) -> Result<BottlePlan, RuntimeError> {
+    let catalog = Catalog::resolve(&spec.cwd, home.root())?;
+    let mut host = HostFacts {
+        agent_uid: agent_uid_for_host(),
+        default_backend: "docker".to_owned(),
+        ..HostFacts::default()
+    };
+    for (bottle, _) in catalog.bottles.values() {
+        if let Some(path) = &bottle.front.image.dockerfile {
+            let text = fs_err::read_to_string(path).map_err(|source| RuntimeError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            host.dockerfiles.insert(path.clone(), text);
+        }
+    }
+    Ok(plan(spec, &catalog, &host)?)
+}
+
+/// The label slugs of bottles that are running now (for headless label uniquifying).
+pub fn active_label_slugs(home: &Home) -> Result<Vec<String>, RuntimeError> {
+    Ok(home
+        .list()?
+        .into_iter()
+        .filter(|m| m.status == Status::Running)
+        .map(|m| m.label_slug)
+        .collect())
+}
+
+/// Picks a free label for a headless launch; says so when it changed.
+pub fn unique_label(home: &Home, label: &str, progress: &Progress) -> Result<String, RuntimeError> {
+    let (chosen, changed) = uniquify_label(label, &active_label_slugs(home)?);
+    if changed {
+        progress.step(&format!(
+            "label `{label}` is in use by a running bottle; using `{chosen}`"
+        ));
+    }
+    Ok(chosen)
+}
+
+fn container_name(slug: &str) -> String {
+    format!("bot-bottle-{slug}")
+}
+
+fn check_workspace_writable(plan: &BottlePlan) -> Result<(), RuntimeError> {
+    let Workspace::Bind { host } = &plan.workspace else {
+        return Ok(());
+    };
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs_err::metadata(host).map_err(|source| RuntimeError::Io {
+        path: host.clone(),
+        source,
+    })?;
+    let writable = meta.uid() == plan.agent_uid
+        || meta.mode() & 0o002 != 0
+        || (meta.gid() == plan.agent_uid && meta.mode() & 0o020 != 0);
+    if writable {
+        Ok(())
+    } else {
+        Err(RuntimeError::WorkspaceNotWritable {
+            path: host.clone(),
+            uid: plan.agent_uid,
+        })
+    }
+}
+
+/// Files placed into the bottle before the agent starts: provider config and
+/// instructions, the gateway CA, and (with `--cwd`) the workspace.
+fn provision_archive(
+    plan: &BottlePlan,
+    ca_pem: Option<&str>,
+    copy_workspace: bool,
+) -> Result<Vec<u8>, RuntimeError> {
+    let uid = u64::from(plan.agent_uid);
+    let io = |path: &str| {
+        let path = PathBuf::from(path);
+        move |source| RuntimeError::Io { path, source }
+    };
+    let mut archive = Archive::new();
+    let mut dirs = std::collections::BTreeSet::new();
+    for file in &plan.files {
+        let mut dir = Path::new(&file.path).parent();
+        while let Some(d) = dir {
+            if d.starts_with(AGENT_HOME) && d != Path::new(AGENT_HOME) {
+                dirs.insert(d.to_owned());
+            }
+            dir = d.parent();
+        }
+    }
+    for dir in dirs {
+        archive
+            .dir(&dir.to_string_lossy(), uid, 0o755)
+            .map_err(io(&dir.to_string_lossy()))?;
+    }
+    for file in &plan.files {
+        archive
+            .file(&file.path, file.contents.as_bytes(), uid, 0o644)
+            .map_err(io(&file.path))?;
+    }
+    if let Some(pem) = ca_pem {
+        archive
+            .dir("/etc/bot-bottle", 0, 0o755)
+            .map_err(io("/etc/bot-bottle"))?;
+        archive
+            .file(BOTTLE_CA_PATH, pem.as_bytes(), 0, 0o644)
+            .map_err(io(BOTTLE_CA_PATH))?;
+    }
+    if copy_workspace && let Workspace::Copy { host } = &plan.workspace {
+        archive
+            .tree(host, WORKSPACE, uid)
+            .map_err(|source| RuntimeError::Io {
+                path: host.clone(),
+                source,
+            })?;
+    }
+    archive.finish().map_err(io("archive"))
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+/// Runs one agent session: a new bottle (`spec.identity == None`) or a resumed one.
+pub async fn launch(
+    spec: &BottleSpec,
+    options: &LaunchOptions,
+) -> Result<SessionOutcome, RuntimeError> {
+    let progress = &options.progress;
+    let mut plan = make_plan(spec, &options.home)?;
+    check_workspace_writable(&plan)?;
+    if let Some(confirm) = &options.confirm
+        && !confirm(&plan)
+    {
+        return Err(RuntimeError::Declined);
+    }
+    let engine = DockerEngine::connect().await?;
+    options.home.ensure()?;
+
+    let slug = spec
+        .identity
+        .clone()
+        .unwrap_or_else(|| new_identity(&plan.label));
+    plan.identity = Some(slug.clone());
+    let bottle = options.home.bottle(&slug)?;
+    bottle.create()?;
+    let previous = bottle.read_metadata()?;
+    let mut metadata = Metadata {
+        identity: slug.clone(),
+        label: plan.label.clone(),
+        label_slug: slugify(&plan.label),
+        color: plan.color.clone(),
+        agent: plan.agent.clone(),
+        provider: plan.provider.to_string(),
+        bottles: plan.bottles.clone(),
+        cwd: spec.cwd.clone(),
+        copy_cwd: spec.copy_cwd,
+        backend: plan.backend.clone(),
+        image: plan.image.tag.clone(),
+        frozen_image: plan.image.resume_from.clone(),
+        container_id: None,
+        created_at: previous.as_ref().map_or_else(now, |p| p.created_at),
+        updated_at: now(),
+        status: Status::Created,
+        exit_code: None,
+        sessions: previous.as_ref().map_or(0, |p| p.sessions),
+    };
+    bottle.write_metadata(&metadata)?;
+    // Every session is kept until `destroy`, so `freeze` and `resume` can follow it.
+    bottle.mark_preserved()?;
+
+    let result = run_session(spec, &plan, &bottle, &engine, options, &mut metadata).await;
+    metadata.updated_at = now();
+    match &result {
+        Ok(code) => {
+            metadata.status = Status::Stopped;
+            metadata.exit_code = Some(*code);
+            metadata.sessions += 1;
+        }
+        Err(_) => metadata.status = Status::Failed,
+    }
+    bottle.write_metadata(&metadata)?;
+    let exit_code = result?;
+    progress.step(&format!(
+        "agent exited {exit_code}; audit log: {}",
+        bottle.egress_log().display()
+    ));
+    progress.step(&format!(
+        "resume with `bot-bottle resume {slug}`; freeze with `bot-bottle freeze {slug}`; remove with `bot-bottle destroy {slug}`"
+    ));
+    Ok(SessionOutcome {
+        slug,
+        exit_code,
+        audit_log: bottle.egress_log(),
+    })
+}
+
+async fn run_session(
+    spec: &BottleSpec,
+    plan: &BottlePlan,
+    bottle: &BottleDir,
+    engine: &DockerEngine,
+    options: &LaunchOptions,
+    metadata: &mut Metadata,
+) -> Result<i32, RuntimeError> {
+    let progress = &options.progress;
+    let image = ensure_bottle_image(
+        engine,
+        &plan.image,
+        plan.agent_uid,
+        plan.image.context.as_deref(),
+        progress,
+    )
+    .await?;
+
+    let socket = bottle.run_dir().join(GATEWAY_SOCKET);
+    let gateway = crate::gateway::start(plan, bottle, &socket, &options.gateway).await?;
+    let ca_pem = gateway.ca_pem();
+    let launch_env = gateway.placeholder_env();
+
+    let paths = HostPaths {
+        run_dir: bottle.run_dir(),
+        shim_binary: options.shim_binary.clone(),
+    };
+    let config = container_config(plan, bottle.slug(), &image, &paths, &launch_env)?;
+    let name = container_name(bottle.slug());
+    progress.step(&format!(
+        "starting bottle {} (network: none; egress via gateway only)",
+        bottle.slug()
+    ));
+    let container_id = engine.create(&name, config).await?;
+    metadata.container_id = Some(container_id.clone());
+    metadata.status = Status::Running;
+    metadata.updated_at = now();
+    bottle.write_metadata(metadata)?;
+
+    let copy_workspace = spec.copy_cwd && plan.image.resume_from.is_none();
+    let archive = provision_archive(plan, ca_pem.as_deref(), copy_workspace)?;
+    engine.upload(&container_id, archive).await?;
+
+    let run = async {
+        if plan.headless {
+            engine.run_headless(&container_id).await
+        } else {
+            engine.run_interactive(&container_id).await
+        }
+    };
+    // Fail closed: if the gateway dies, the agent is stopped and the launch reports it.
+    let outcome = tokio::select! {
+        code = run => code.map_err(RuntimeError::from),
+        failure = gateway.failed() => {
+            let _ = engine.stop(&container_id).await;
+            Err(RuntimeError::Gateway { message: failure })
+        }
+    };
+    gateway.shutdown().await;
+    let code = outcome?;
+    Ok(i32::try_from(code).unwrap_or(1))
+}
+
+/// Freezes a bottle: commits its container to an image so `resume` continues with its
+/// files and the agent's session, then removes the container.
+pub async fn freeze(home: &Home, slug: &str, progress: &Progress) -> Result<String, RuntimeError> {
+    let bottle = home.bottle(slug)?;
+    let mut metadata = bottle
+        .read_metadata()?
+        .ok_or_else(|| RuntimeError::UnknownSlug {
+            slug: slug.to_owned(),
+        })?;
+    let engine = DockerEngine::connect().await?;
+    let containers = engine.containers(Some(slug)).await?;
+    let Some(container) = containers.first() else {
+        if let (Status::Frozen, Some(image)) = (metadata.status, &metadata.frozen_image) {
+            progress.step(&format!("`{slug}` is already frozen as {image}"));
+            return Ok(image.clone());
+        }
+        return Err(RuntimeError::NothingToResume {
+            slug: slug.to_owned(),
+            action: "freeze".to_owned(),
+        });
+    };
+    engine.stop(&container.id).await?;
+    let tag = format!("{}-{}", slug, metadata.sessions);
+    progress.step(&format!("freezing {slug} to bot-bottle/frozen:{tag}"));
+    engine
+        .commit(&container.id, "bot-bottle/frozen", &tag, slug)
+        .await?;
+    let image = format!("bot-bottle/frozen:{tag}");
+    engine.remove_container(&container.id).await?;
+    if let Some(old) = metadata.frozen_image.as_ref().filter(|old| **old != image) {
+        engine.remove_image(old).await?;
+    }
+    metadata.frozen_image = Some(image.clone());
+    metadata.container_id = None;
+    metadata.status = Status::Frozen;
+    metadata.updated_at = now();
+    bottle.write_metadata(&metadata)?;
+    Ok(image)
+}
+
+/// Resumes a frozen or stopped bottle with a new session.
+pub async fn resume(
+    slug: &str,
+    prompt: Option<String>,
+    backend: Option<String>,
+    options: &LaunchOptions,
+) -> Result<SessionOutcome, RuntimeError> {
+    let bottle = options.home.bottle(slug)?;
+    let mut metadata = bottle
+        .read_metadata()?
+        .ok_or_else(|| RuntimeError::UnknownSlug {
+            slug: slug.to_owned(),
+        })?;
+    if metadata.status != Status::Frozen || metadata.frozen_image.is_none() {
+        // A stopped container cannot take a new command; freeze it first.
+        freeze(&options.home, slug, &options.progress).await?;
+        metadata = bottle
+            .read_metadata()?
+            .ok_or_else(|| RuntimeError::UnknownSlug {
+                slug: slug.to_owned(),
+            })?;
+    }
+    let spec = BottleSpec {
+        agent: metadata.agent.clone(),
+        bottles: metadata.bottles.clone(),
+        label: Some(metadata.label.clone()),
+        color: metadata.color.clone(),
+        prompt,
+        cwd: metadata.cwd.clone(),
+        copy_cwd: metadata.copy_cwd,
+        backend: backend.or(Some(metadata.backend.clone())),
+        identity: Some(slug.to_owned()),
+        resume_image: metadata.frozen_image.clone(),
+    };
+    launch(&spec, options).await
+}
+
+/// Removes a bottle's containers, frozen images and state. Idempotent: a missing
+/// slug is not an error.
+pub async fn destroy(home: &Home, slug: &str, progress: &Progress) -> Result<(), RuntimeError> {
+    let bottle = home.bottle(slug)?;
+    let engine = DockerEngine::connect().await?;
+    for container in engine.containers(Some(slug)).await? {
+        engine.remove_container(&container.id).await?;
+    }
+    for image in engine.frozen_images(slug).await? {
+        engine.remove_image(&image).await?;
+    }
+    if bottle.exists() {
+        progress.step(&format!("removing state of {slug}"));
+    }
+    bottle.remove()?;
+    Ok(())
+}
+
+/// One row of `bot-bottle ps`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PsRow {
+    pub slug: String,
+    pub agent: String,
+    pub bottles: Vec<String>,
+    pub backend: String,
+    pub status: String,
+    pub container: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub age_seconds: i64,
+    pub exit_code: Option<i32>,
+}
+
+/// Every bottle with state, joined with what the engine says of its container.
+pub async fn ps(home: &Home) -> Result<Vec<PsRow>, RuntimeError> {
+    let engine = DockerEngine::connect().await?;
+    let containers: BTreeMap<String, String> = engine
+        .containers(None)
+        .await?
+        .into_iter()
+        .map(|c| (c.slug, c.state))
+        .collect();
+    let now = now();
+    Ok(home
+        .list()?
+        .into_iter()
+        .map(|m| PsRow {
+            container: containers.get(&m.identity).cloned(),
+            status: m.status.as_str().to_owned(),
+            age_seconds: (now - m.created_at).whole_seconds(),
+            slug: m.identity,
+            agent: m.agent,
+            bottles: m.bottles,
+            backend: m.backend,
+            created_at: m.created_at,
+            exit_code: m.exit_code,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_parse_and_reject_bad_input() {
+        let map = parse_overrides("api.anthropic.com=127.0.0.1:4000, x.test=[::1]:5").unwrap();
+        assert_eq!(map["api.anthropic.com"], "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(map["x.test"], "[::1]:5".parse().unwrap());
+        assert!(parse_overrides("nohost").is_err());
+        assert!(parse_overrides("a=localhost").is_err());
+    }
+}
