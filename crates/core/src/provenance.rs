@@ -494,6 +494,13 @@ pub fn verify_envelope(
     Ok(VerifiedProvenance { statement, key_id })
 }
 
+/// Sign a run's statement with the key under `<home>/keys/`, creating the key
+/// on first use.
+pub fn sign_run(home: &Path, run: &RunRecord) -> Result<Envelope, ProvenanceError> {
+    let keys = ProvenanceKeys::load_or_create(home)?;
+    sign_statement(&Statement::from_run(run), &keys.signing_key)
+}
+
 /// Verify an envelope file offline with a public key file (PEM, or raw base64).
 /// This is what `bot-bottle provenance verify FILE --key PUB` calls.
 pub fn verify_envelope_file(
@@ -935,9 +942,8 @@ mod tests {
     #[test]
     fn envelope_files_verify_offline_and_tampering_is_caught() {
         let home = tempfile::tempdir().expect("tempdir");
+        let envelope = sign_run(home.path(), &run()).expect("sign");
         let keys = ProvenanceKeys::load_or_create(home.path()).expect("keys");
-        let envelope =
-            sign_statement(&Statement::from_run(&run()), &keys.signing_key).expect("sign");
         let path = home.path().join("provenance.json");
         write_envelope_file(&path, &envelope).expect("write");
         let verified = verify_envelope_file(&path, &keys.public_key_path).expect("verify");

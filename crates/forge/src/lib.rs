@@ -20,6 +20,6 @@ pub use scoped::{ScopeError, ScopedForge, WriteOperation};
 pub use store::{ForgeState, ForgeStateStore, ForgeStatus, SqliteForgeStateStore, StoreError};
 pub use targeting::{DEFAULT_FORGE_ORG, Target, TargetDecision, target_issue};
 pub use webhook::{
-    DedupeKeys, WebhookError, WebhookEvent, WebhookHeaders, dedupe_keys, parse_event,
-    verify_signature,
+    DedupeKeys, Delivery, WebhookError, WebhookEvent, WebhookHeaders, dedupe_keys, parse_event,
+    receive, verify_signature,
 };

@@ -455,3 +455,70 @@ async fn every_call_is_bounded_by_the_timeout() {
         "{error:?}"
     );
 }
+
+#[tokio::test]
+async fn scoped_gitea_writes_only_inside_the_scope_and_grows_with_its_pr() {
+    let s = setup().await;
+    let assigned = s.fake.add_issue(OWNER, REPO, issue("Assigned", ""));
+    let other = s.fake.add_issue(OWNER, REPO, issue("Other", ""));
+    let inner: std::sync::Arc<dyn Forge> = std::sync::Arc::new(s.forge.clone());
+    let scoped = bot_bottle_forge::ScopedForge::new(inner, assigned, [])
+        .with_allowed_head("bot-bottle/issue-1");
+
+    // Reads anywhere.
+    assert_eq!("Other", scoped.read_issue(other).await.expect("read").title);
+    // Writes elsewhere never reach Gitea.
+    let before = s.fake.requests().len();
+    assert!(scoped.post_comment(other, "spam").await.is_err());
+    assert!(scoped.update_description(other, "tamper").await.is_err());
+    assert_eq!(
+        before,
+        s.fake.requests().len(),
+        "a refused write made a request"
+    );
+    assert!(s.fake.comment_bodies(OWNER, REPO, other).is_empty());
+
+    let pr = scoped
+        .create_pr(&NewPullRequest {
+            title: "Fix".to_owned(),
+            body: format!("Closes #{assigned}"),
+            head: "bot-bottle/issue-1".to_owned(),
+            base: "main".to_owned(),
+        })
+        .await
+        .expect("create");
+    assert_eq!(vec![assigned, pr.number], scoped.writable());
+    scoped
+        .post_comment(pr.number, "ready for review")
+        .await
+        .expect("comment on own PR");
+    scoped
+        .post_comment(assigned, "opened a PR")
+        .await
+        .expect("comment on issue");
+    assert_eq!(
+        vec!["ready for review".to_owned()],
+        s.fake.comment_bodies(OWNER, REPO, pr.number)
+    );
+}
+
+#[tokio::test]
+async fn scope_grows_when_the_issues_pr_is_discovered() {
+    let s = setup().await;
+    let assigned = s.fake.add_issue(OWNER, REPO, issue("Assigned", ""));
+    let pr = s.fake.add_pull(
+        OWNER,
+        REPO,
+        issue("Fix", &format!("Fixes #{assigned}")),
+        "bot-bottle/issue-1",
+        "main",
+    );
+    let inner: std::sync::Arc<dyn Forge> = std::sync::Arc::new(s.forge.clone());
+    let scoped = bot_bottle_forge::ScopedForge::new(inner, assigned, []);
+    assert!(scoped.post_comment(pr, "x").await.is_err());
+    assert_eq!(
+        Some(pr),
+        scoped.get_pr_for_issue(assigned).await.expect("lookup")
+    );
+    scoped.post_comment(pr, "x").await.expect("now writable");
+}
