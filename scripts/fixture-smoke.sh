@@ -3,8 +3,9 @@
 # fixtures (bot-bottle-fixture) over plain HTTP on 127.0.0.1, and checks that each one
 # writes the scripted file and exits 0, and that each one fails fast on a wrong key.
 #
-# Nothing may reach the internet: every CLI runs with a clean environment whose proxy
-# variables point at a dead loopback port, so stray traffic fails instead of leaving.
+# Nothing may reach the internet: as root, the whole run happens in a new network namespace
+# with only loopback (unshare --net); and every CLI runs with a clean environment whose proxy
+# variables point at a dead loopback port ($DEAD_PROXY), so stray traffic fails.
 #
 # Needs: the CLIs on PATH (npm install -g @anthropic-ai/claude-code @openai/codex
 # @mariozechner/pi-coding-agent), python3, and Node >= 20.6 for pi. When run as root, claude
@@ -20,7 +21,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 agents=("$@")
 [ ${#agents[@]} -eq 0 ] && agents=(claude codex pi)
 fixture_user=${FIXTURE_USER:-fixturetest}
-dead_proxy=http://127.0.0.1:9
+dead_proxy=${DEAD_PROXY:-http://127.0.0.1:9}
 key=test-key
 work=$(mktemp -d /tmp/fixture-smoke.XXXXXX)
 chmod 755 "$work"
@@ -36,6 +37,19 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 if [ -z "${FIXTURE_BIN:-}" ]; then
     (cd "$repo" && cargo build -q -p bot-bottle-testkit --bin bot-bottle-fixture)
     FIXTURE_BIN=$repo/target/x86_64-unknown-linux-gnu/debug/bot-bottle-fixture
+fi
+
+# The proxy variables only catch clients that honour them. As root, rerun inside a fresh
+# network namespace that has nothing but loopback, so a direct connection fails too.
+if [ "$(id -u)" -eq 0 ] && [ "${FIXTURE_NETNS:-1}" = 1 ] && [ -z "${FIXTURE_IN_NETNS:-}" ]; then
+    rm -rf "$work"
+    export FIXTURE_BIN FIXTURE_IN_NETNS=1
+    exec unshare --net -- bash -c 'ip link set lo up && exec "$0" "$@"' "$0" "${agents[@]}"
+fi
+if [ -n "${FIXTURE_IN_NETNS:-}" ]; then
+    echo "network: private namespace, interfaces: $(ip -brief link | awk '{print $1}' | tr '\n' ' ')"
+else
+    echo "network: host namespace (not root, or FIXTURE_NETNS=0); only the dead proxy guards"
 fi
 cp "$FIXTURE_BIN" "$work/fixture"
 
