@@ -304,6 +304,8 @@ async fn accept_loop(
 ) {
     loop {
         let Ok((stream, _peer)) = listener.accept().await else {
+            // Out of file descriptors and the like: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             continue;
         };
         let acceptor = acceptor.clone();
