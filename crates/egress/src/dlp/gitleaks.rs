@@ -7,7 +7,9 @@ use aho_corasick::AhoCorasick;
 use regex::bytes::{Regex, RegexBuilder};
 use serde::Deserialize;
 
-use super::{Action, Allowlist, Condition, DlpError, DlpRules, RegexTarget, Rule, SkippedRule};
+use super::{
+    Action, Allowlist, Condition, DlpError, DlpRules, RegexTarget, Rule, SkippedRule, SplitRegex,
+};
 
 /// The compiled-program budget per rule. Some gitleaks rules are large (bounded
 /// repetitions of classes); the default 10 MiB would refuse a few of them.
@@ -169,6 +171,7 @@ fn compile_rule(raw: RuleToml, id: &str) -> Result<Result<Rule, String>, DlpErro
             .map(|keyword| keyword.to_ascii_lowercase())
             .collect(),
         path_scoped: raw.path.is_some(),
+        split: raw.regex.as_deref().and_then(split_leading_prefix),
         allowlists,
         action: raw.action,
     }))
@@ -352,6 +355,70 @@ pub(crate) fn translate_go_regex(pattern: &str) -> String {
     out
 }
 
+/// Splits `FLAGS [class]{0,n}[?] REST` into `FLAGS REST` and `n`, when `REST` has no
+/// top-level `|` (which would bind looser than the prefix).
+///
+/// Such a leading repetition makes the lazy DFA track every count up to `n` at every
+/// position, which is what makes gitleaks' semi-generic rules slow; `REST` is cheap.
+pub(crate) fn split_leading_prefix(pattern: &str) -> Option<SplitRegex> {
+    let (flags, after_flags) = match pattern.strip_prefix("(?") {
+        Some(tail) => {
+            let close = tail.find(')')?;
+            let flags = &tail[..close];
+            if flags.is_empty() || !flags.chars().all(|c| c.is_ascii_alphabetic() || c == '-') {
+                return None;
+            }
+            (&pattern[..close + 3], &tail[close + 1..])
+        }
+        None => ("", pattern),
+    };
+    let class_body = after_flags.strip_prefix('[')?;
+    let class_end = class_body.find(']')?;
+    let class = &class_body[..class_end];
+    if class.is_empty() || class.contains('[') || class.ends_with('\\') {
+        return None;
+    }
+    let repetition = class_body[class_end + 1..].strip_prefix("{0,")?;
+    let digits = repetition.find('}')?;
+    let max_prefix: usize = repetition[..digits].parse().ok()?;
+    let mut rest = &repetition[digits + 1..];
+    rest = rest.strip_prefix('?').unwrap_or(rest);
+    if rest.is_empty() || has_top_level_alternation(rest) {
+        return None;
+    }
+    let rest = compile_go_regex(&format!("{flags}{rest}")).ok()?;
+    Some(SplitRegex { rest, max_prefix })
+}
+
+fn has_top_level_alternation(pattern: &str) -> bool {
+    let mut depth = 0usize;
+    let mut in_class = false;
+    let mut chars = pattern.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '[' if !in_class => {
+                in_class = true;
+                // `]` right after `[` or `[^` is a member, not the end.
+                if chars.peek() == Some(&'^') {
+                    chars.next();
+                }
+                if chars.peek() == Some(&']') {
+                    chars.next();
+                }
+            }
+            ']' if in_class => in_class = false,
+            '(' if !in_class => depth += 1,
+            ')' if !in_class => depth = depth.saturating_sub(1),
+            '|' if !in_class && depth == 0 => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Length of a Go repetition operator (`{n}`, `{n,}`, `{n,m}`) at the start of `chars`.
 fn repetition_len(chars: &[char]) -> Option<usize> {
     let mut i = 1;
@@ -404,6 +471,17 @@ pub(crate) mod tests {
         // ASCII-only classes, as in Go: a non-ASCII letter is not \w.
         let regex = compile_go_regex(r"^\w+$").expect("compiles");
         assert!(!regex.is_match("é".as_bytes()));
+    }
+
+    #[test]
+    fn leading_prefix_is_split_only_when_safe() {
+        let split = split_leading_prefix(r"(?i)[\w.-]{0,50}?(?:key|token)=(\w+)").expect("splits");
+        assert_eq!(split.max_prefix, 50);
+        assert_eq!(split.rest.as_str(), r"(?i)(?:key|token)=(\w+)");
+        assert!(split_leading_prefix(r"[a-z]{0,5}x|y").is_none());
+        assert!(split_leading_prefix(r"[a-z]{1,5}x").is_none());
+        assert!(split_leading_prefix(r"(x)[a-z]{0,5}x").is_none());
+        assert!(split_leading_prefix(r"[a-z]{0,5}(?:x|y)[|]").is_some());
     }
 
     #[test]

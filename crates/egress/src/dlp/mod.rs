@@ -142,8 +142,21 @@ pub(crate) struct Rule {
     /// Lowercased.
     pub(crate) keywords: Vec<String>,
     pub(crate) path_scoped: bool,
+    /// When the regex starts with a bounded class repetition (gitleaks' common
+    /// `(?i)[\w.-]{0,50}?(?:keyword…)…`), the rest of the regex alone plus that bound.
+    /// Searching for the rest is several times faster; see `Scanner::run_rule`.
+    pub(crate) split: Option<SplitRegex>,
     pub(crate) allowlists: Vec<Allowlist>,
     pub(crate) action: Option<Action>,
+}
+
+/// A rule regex `P` written as `FLAGS CLASS{0,max_prefix} REST`, with `REST` compiled as
+/// `FLAGS REST`. Every match of `P` starting at `q` contains a match of `REST` starting in
+/// `q..=q + max_prefix`, and `P` matches wherever `REST` does.
+#[derive(Debug, Clone)]
+pub(crate) struct SplitRegex {
+    pub(crate) rest: regex::bytes::Regex,
+    pub(crate) max_prefix: usize,
 }
 
 /// A compiled rule set plus the action each rule takes.

@@ -2,13 +2,13 @@
 
 use std::ops::Range;
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 
 use super::custody::{encoded_forms, host_matches};
 use super::decode::{DEFAULT_MAX_DECODED, Decoded, decode};
 use super::{
     Action, Allowlist, Condition, CustodySecret, DlpRules, EncodedForm, Finding, FindingKind,
-    Location, PlaceholderSecret, RegexTarget, Rule, ScanOutcome, redact,
+    Location, PlaceholderSecret, RegexTarget, Rule, ScanOutcome, SplitRegex, redact,
 };
 
 /// The rule id of a finding for a custody secret's real value.
@@ -94,9 +94,12 @@ impl Scanner {
             }
         }
         let keywords = (!keyword_list.is_empty()).then(|| {
+            // The DFA form is about twice as fast here as the default NFA, and a few
+            // hundred keywords keep it well under a megabyte.
             AhoCorasickBuilder::new()
                 .ascii_case_insensitive(true)
                 .match_kind(MatchKind::Standard)
+                .kind(Some(AhoCorasickKind::DFA))
                 .build(&keyword_list)
                 .expect("keywords are plain strings well under the automaton's size limits")
         });
@@ -347,7 +350,7 @@ impl Scanner {
         let Some(regex) = &rule.regex else {
             return;
         };
-        for captures in regex.captures_iter(bytes) {
+        for captures in RuleMatches::new(regex, rule.split.as_ref(), bytes) {
             let Some(whole) = captures.get(0) else {
                 continue;
             };
@@ -399,6 +402,71 @@ impl Scanner {
                 excerpt: redact(secret.as_bytes()),
             });
         }
+    }
+}
+
+/// The same matches as `regex.captures_iter(haystack)`, found faster when the regex was
+/// split (see [`SplitRegex`]): search for the cheap rest first, then run the full regex
+/// only from `max_prefix` bytes before that hit.
+///
+/// Why that finds the same leftmost-first matches: let `c` be the leftmost start of a rest
+/// match at or after `pos`. A full match starting at `q >= pos` contains a rest match
+/// starting in `q..=q + max_prefix`, at or after `c`, so `q >= c - max_prefix`. And the full
+/// regex matches at `c` itself (empty prefix). So the leftmost full match at or after `pos`
+/// is the leftmost one at or after `max(pos, c - max_prefix)`, and it exists.
+struct RuleMatches<'r, 'h> {
+    regex: &'r regex::bytes::Regex,
+    split: Option<&'r SplitRegex>,
+    haystack: &'h [u8],
+    pos: usize,
+    done: bool,
+}
+
+impl<'r, 'h> RuleMatches<'r, 'h> {
+    fn new(
+        regex: &'r regex::bytes::Regex,
+        split: Option<&'r SplitRegex>,
+        haystack: &'h [u8],
+    ) -> Self {
+        RuleMatches {
+            regex,
+            split,
+            haystack,
+            pos: 0,
+            done: false,
+        }
+    }
+}
+
+impl<'h> Iterator for RuleMatches<'_, 'h> {
+    type Item = regex::bytes::Captures<'h>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done || self.pos > self.haystack.len() {
+            return None;
+        }
+        let start = match self.split {
+            Some(split) => match split.rest.find_at(self.haystack, self.pos) {
+                Some(rest) => self.pos.max(rest.start().saturating_sub(split.max_prefix)),
+                None => {
+                    self.done = true;
+                    return None;
+                }
+            },
+            None => self.pos,
+        };
+        let Some(captures) = self.regex.captures_at(self.haystack, start) else {
+            self.done = true;
+            return None;
+        };
+        let whole = captures.get(0)?;
+        // An empty match would repeat forever; step past it as `captures_iter` does.
+        self.pos = if whole.is_empty() {
+            whole.end() + 1
+        } else {
+            whole.end()
+        };
+        Some(captures)
     }
 }
 
@@ -697,6 +765,64 @@ mod tests {
                 .scan_headers(&headers, Some("api.model.test"))
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn split_rules_find_exactly_the_matches_of_the_full_regex() {
+        let (rules, _) = DlpRules::from_gitleaks_toml(&gitleaks_file()).expect("valid");
+        let mut text = String::new();
+        let names = [
+            "api_key",
+            "x",
+            "a_very_long_identifier_name_that_goes_past_fifty_chars_access",
+            "sonar.login",
+            "kucoin_secret",
+            "my.token.value",
+            "password",
+            "client-secret",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaakey",
+            "nytimes",
+        ];
+        let operators = [" = ", ": ", "=>", ":=", "||", " ?= ", ","];
+        let values = [
+            "'Zx81Kq0Pw3Lm5Nb7Vc9'",
+            "\"0123456789abcdef0123456789abcdef\"",
+            "short",
+            "f3e2d1c0-b9a8-4765-8432-10fedcba9876",
+            "AbCdEf0123456789AbCdEf0123456789AbCdEf01;",
+        ];
+        for (index, name) in names.iter().enumerate() {
+            for (offset, operator) in operators.iter().enumerate() {
+                let value = values[(index + offset) % values.len()];
+                text.push_str(&format!(
+                    "{name}{operator}{value}\n{name}_{name}{operator}{value} "
+                ));
+            }
+        }
+        let haystack = text.as_bytes();
+        let mut split_rules = 0;
+        let mut matched = 0;
+        for rule in rules.rules.iter() {
+            let (Some(regex), Some(split)) = (&rule.regex, &rule.split) else {
+                continue;
+            };
+            split_rules += 1;
+            let spans = |iter: &mut dyn Iterator<Item = regex::bytes::Captures<'_>>| {
+                iter.map(|captures| {
+                    (0..captures.len())
+                        .map(|group| captures.get(group).map(|m| m.range()))
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+            };
+            let expected = spans(&mut regex.captures_iter(haystack));
+            let actual = spans(&mut RuleMatches::new(regex, Some(split), haystack));
+            assert_eq!(actual, expected, "rule `{}`", rule.id);
+            matched += expected.len();
+        }
+        assert!(split_rules > 50, "only {split_rules} rules were split");
+        // The text must give the split path real matches to agree on, not only misses.
+        assert!(matched > 20, "only {matched} matches");
     }
 
     #[test]
