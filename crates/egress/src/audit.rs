@@ -55,6 +55,9 @@ pub struct DlpRecord {
     /// Where it was found, e.g. `header:authorization`, `body`, `query`.
     pub location: String,
     pub excerpt: String,
+    /// For custody findings: the credential whose value or placeholder was found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 /// One line of `egress.jsonl`. Field order is the order on disk.
@@ -806,6 +809,7 @@ mod tests {
             action: "block".into(),
             location: "body".into(),
             excerpt: "AKIA****".into(),
+            credential: None,
         });
         log.append(d).expect("append");
         log.append(draft(1)).expect("append");

@@ -1,110 +1,417 @@
-//! Sending one allowed request upstream and streaming the response back.
+//! One request, from decision to response: policy, DLP over URL, headers and body,
+//! credential injection, the upstream exchange, scrubbing and the audit event. The same
+//! pipeline serves absolute-form `http://` requests and requests inside an intercepted
+//! TLS tunnel.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 
-use crate::audit::AuditDecision;
-use crate::body::Metered;
+use crate::audit::{AuditDecision, DlpRecord};
+use crate::body::{Metered, Prefixed};
+use crate::custody::{ResolvedCredential, Scrubbed};
+use crate::dlp::{Action, Finding, FindingKind, Location, ScanOutcome};
 use crate::gateway::{
-    Exchange, ProxyBody, Shared, Target, decide_request, error_response, request_draft,
-    strip_hop_by_hop, upstream_failure,
+    OverCap, ProxyBody, Shared, Target, block_response, decide_request, error_response, full_body,
+    request_draft, strip_hop_by_hop, upstream_failure,
 };
+use crate::mitm::TunnelUpstream;
 
-pub(crate) struct Forward {
-    pub shared: Arc<Shared>,
-    pub target: Target,
-    pub started: Instant,
+/// A request body still arriving after this long is cut off (slow-body clients).
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Where the request goes once it is allowed.
+pub(crate) enum Route<'a> {
+    /// Plain HTTP: a fresh upstream connection. Credentials are never injected here,
+    /// since the real value would cross the network in clear text.
+    Plain,
+    /// The upstream TLS connection of an intercepted tunnel.
+    Tunnel(&'a TunnelUpstream),
 }
 
-impl Forward {
-    /// An absolute-form `http://` request: decide, connect, forward in origin form.
-    pub(crate) async fn run_plain(self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let Forward {
-            shared,
-            target,
-            started,
-        } = self;
-        let policy = shared.policy();
-        let rule = match decide_request(&shared, &policy, req.method(), &target, req.uri()) {
-            Ok(rule) => rule,
-            Err(blocked) => return *blocked,
-        };
-        let mut draft = request_draft(
-            AuditDecision::Allow,
-            "allowed-by-rule",
-            req.method(),
-            &target,
-            req.uri().path(),
-        );
-        draft.rule = rule;
-        let stream = match shared
-            .resolver(&policy, &target.host)
-            .connect(&target.host, target.port)
-            .await
-        {
-            Ok(stream) => stream,
-            Err(err) => return upstream_failure(&shared, &err, draft),
-        };
-        let (mut sender, connection) =
-            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                Ok(pair) => pair,
-                Err(err) => {
-                    draft.reason = "upstream-error".into();
-                    draft.status = Some(502);
-                    draft.detail = Some(err.to_string());
-                    shared.record(draft);
-                    return error_response(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream-error",
-                        &err.to_string(),
-                    );
-                }
-            };
-        tokio::spawn(connection);
-        let up = Arc::new(AtomicU64::new(0));
-        let down = Arc::new(AtomicU64::new(0));
-        let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        let host_value = if target.port == 80 {
-            target.host.clone()
-        } else {
-            format!("{}:{}", target.host, target.port)
-        };
-        if let Ok(value) = HeaderValue::from_str(&host_value) {
-            parts.headers.insert(header::HOST, value);
-        }
-        parts.uri = match parts.uri.path_and_query() {
-            Some(pq) => pq
-                .as_str()
-                .parse()
-                .unwrap_or_else(|_| hyper::Uri::from_static("/")),
-            None => hyper::Uri::from_static("/"),
-        };
-        let body = Metered::counting(body, up.clone()).boxed_unsync();
-        let upstream_request = Request::from_parts(parts, body);
-        match sender.send_request(upstream_request).await {
-            Ok(response) => Exchange {
-                shared,
-                draft,
-                started,
-                up,
-                down,
-            }
-            .finish_with(response),
-            Err(err) => {
-                draft.reason = "upstream-error".into();
-                draft.status = Some(502);
-                draft.detail = Some(err.to_string());
-                shared.record(draft);
-                error_response(StatusCode::BAD_GATEWAY, "upstream-error", &err.to_string())
+enum Collected {
+    Whole(Bytes),
+    Over(Bytes, Incoming),
+}
+
+async fn collect_capped(mut body: Incoming, cap: usize) -> Result<Collected, String> {
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        // Request trailers are dropped: nothing the gateway forwards relies on them, and
+        // they would be one more unscanned channel.
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() > cap {
+                return Ok(Collected::Over(buf.freeze(), body));
             }
         }
     }
+    Ok(Collected::Whole(buf.freeze()))
+}
+
+fn is_websocket(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+fn record_of(finding: &Finding, location: Option<&str>) -> DlpRecord {
+    DlpRecord {
+        rule: finding.rule_id.clone(),
+        action: finding.action.to_string(),
+        location: match (location, &finding.location) {
+            (Some(l), _) => l.to_string(),
+            (None, Location::Body) => "body".into(),
+            (None, Location::Header(name)) => format!("header:{name}"),
+        },
+        excerpt: finding.excerpt.clone(),
+        credential: match &finding.kind {
+            FindingKind::Rule => None,
+            FindingKind::CustodySecret { credential, .. }
+            | FindingKind::Placeholder { credential, .. } => Some(credential.clone()),
+        },
+    }
+}
+
+fn elapsed_ms(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+pub(crate) async fn process(
+    shared: Arc<Shared>,
+    target: Target,
+    mut req: Request<Incoming>,
+    route: Route<'_>,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let policy = shared.policy();
+    let rule = match decide_request(&shared, &policy, req.method(), &target, req.uri()) {
+        Ok(rule) => rule,
+        Err(blocked) => return *blocked,
+    };
+    let websocket = is_websocket(req.headers()) && req.version() == Version::HTTP_11;
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let mut query = parts.uri.query().map(str::to_owned);
+    let mut draft = request_draft(
+        AuditDecision::Allow,
+        "allowed-by-rule",
+        &parts.method,
+        &target,
+        &path,
+    );
+    draft.rule = rule;
+
+    let scanner = &shared.scanner;
+    let mut findings: Vec<DlpRecord> = Vec::new();
+    let mut blocking: Vec<Finding> = Vec::new();
+    let mut note = |found: Vec<Finding>, location: Option<&str>| {
+        for finding in found {
+            findings.push(record_of(&finding, location));
+            if finding.action == Action::Block {
+                blocking.push(finding);
+            }
+        }
+    };
+    let url = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| path.clone(), |pq| pq.as_str().to_string());
+    note(
+        scanner.scan_for_host(url.as_bytes(), &target.host),
+        Some("url"),
+    );
+    note(
+        scanner.scan_headers(&parts.headers, Some(&target.host)),
+        None,
+    );
+
+    let cap = scanner.max_decoded();
+    let up = Arc::new(AtomicU64::new(0));
+    let mut body_problem: Option<(&'static str, String)> = None;
+    let body: ProxyBody = if body.is_end_stream() {
+        full_body(Bytes::new())
+    } else {
+        let encoding = parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        match tokio::time::timeout(BODY_READ_TIMEOUT, collect_capped(body, cap)).await {
+            Err(_) => {
+                draft.decision = AuditDecision::Block;
+                draft.reason = "request-body-timeout".into();
+                draft.status = Some(408);
+                shared.record(draft);
+                let mut response = block_response(
+                    "request-body-timeout",
+                    "the request body did not arrive in time",
+                );
+                *response.status_mut() = StatusCode::REQUEST_TIMEOUT;
+                return response;
+            }
+            Ok(Err(err)) => {
+                draft.reason = "client-body-error".into();
+                draft.status = Some(400);
+                draft.detail = Some(err);
+                shared.record(draft);
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "client-body-error",
+                    "the request body could not be read",
+                );
+            }
+            Ok(Ok(Collected::Whole(bytes))) => {
+                match scanner.scan_body(&bytes, encoding.as_deref(), Some(&target.host)) {
+                    ScanOutcome::Scanned(found) => note(found, None),
+                    ScanOutcome::TooLarge { findings, .. } => {
+                        note(findings, None);
+                        if shared.over_cap == OverCap::Block {
+                            body_problem = Some((
+                                "dlp-body-too-large",
+                                format!("decoded body is over the {cap}-byte scan cap"),
+                            ));
+                        }
+                    }
+                    ScanOutcome::Undecodable { reason } => {
+                        body_problem = Some(("dlp-undecodable-body", reason));
+                    }
+                }
+                up.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                full_body(bytes)
+            }
+            Ok(Ok(Collected::Over(prefix, rest))) => {
+                if shared.over_cap == OverCap::Block {
+                    body_problem = Some((
+                        "dlp-body-too-large",
+                        format!("body is over the {cap}-byte scan cap"),
+                    ));
+                } else if let ScanOutcome::Scanned(found)
+                | ScanOutcome::TooLarge {
+                    findings: found, ..
+                } = scanner.scan_body(&prefix, encoding.as_deref(), Some(&target.host))
+                {
+                    note(found, None);
+                }
+                up.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+                Metered::counting(Prefixed::new(prefix, rest), up.clone()).boxed_unsync()
+            }
+        }
+    };
+    draft.dlp = findings;
+
+    let exfiltration = blocking.iter().any(|f| {
+        matches!(
+            f.kind,
+            FindingKind::Placeholder { .. } | FindingKind::CustodySecret { .. }
+        )
+    });
+    let refusal = if exfiltration {
+        Some((
+            "exfiltration-attempt",
+            "a credential (or its placeholder) was on its way to a host it is not for".to_string(),
+        ))
+    } else if !blocking.is_empty() {
+        let ids: Vec<&str> = blocking.iter().map(|f| f.rule_id.as_str()).collect();
+        Some((
+            "dlp-blocked",
+            format!("secret detected: {}", ids.join(", ")),
+        ))
+    } else {
+        body_problem
+    };
+    if let Some((reason, detail)) = refusal {
+        draft.decision = AuditDecision::Block;
+        draft.reason = reason.into();
+        draft.status = Some(403);
+        draft.detail = Some(detail.clone());
+        draft.duration_ms = elapsed_ms(started);
+        shared.record(draft);
+        return block_response(reason, &detail);
+    }
+
+    let injected: Vec<&ResolvedCredential> = match route {
+        Route::Plain => Vec::new(),
+        Route::Tunnel(_) => shared
+            .credentials
+            .iter()
+            .filter(|c| c.spec.is_for_host(&target.host))
+            .collect(),
+    };
+    for credential in &injected {
+        credential.inject(&mut parts.headers, &mut query);
+    }
+    if !injected.is_empty() {
+        let names: Vec<&str> = injected.iter().map(|c| c.spec.name.as_str()).collect();
+        draft.credential = Some(names.join(","));
+    }
+
+    strip_hop_by_hop(&mut parts.headers);
+    if websocket {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    let default_port = match route {
+        Route::Plain => 80,
+        Route::Tunnel(_) => 443,
+    };
+    let authority = if target.port == default_port {
+        target.host.clone()
+    } else if target.host.contains(':') {
+        format!("[{}]:{}", target.host, target.port)
+    } else {
+        format!("{}:{}", target.host, target.port)
+    };
+    let path_and_query = match &query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.clone(),
+    };
+    parts.version = Version::HTTP_11;
+    let mut upstream_request = Request::from_parts(parts, body);
+
+    let sent = match route {
+        Route::Plain => {
+            send_plain(
+                &shared,
+                &policy,
+                &target,
+                upstream_request,
+                &authority,
+                &path_and_query,
+            )
+            .await
+        }
+        Route::Tunnel(tunnel) => {
+            let scheme_uri = format!("https://{authority}{path_and_query}");
+            *upstream_request.uri_mut() = scheme_uri
+                .parse()
+                .unwrap_or_else(|_| hyper::Uri::from_static("/"));
+            if let Ok(value) = HeaderValue::from_str(&authority) {
+                upstream_request.headers_mut().insert(header::HOST, value);
+            }
+            tunnel
+                .send(upstream_request)
+                .await
+                .map_err(SendError::Upstream)
+        }
+    };
+    let mut response = match sent {
+        Ok(response) => response,
+        Err(SendError::Connect(err)) => return upstream_failure(&shared, &err, draft),
+        Err(SendError::Upstream(message)) => {
+            draft.reason = "upstream-error".into();
+            draft.status = Some(502);
+            draft.detail = Some(message.clone());
+            draft.duration_ms = elapsed_ms(started);
+            shared.record(draft);
+            return error_response(StatusCode::BAD_GATEWAY, "upstream-error", &message);
+        }
+    };
+
+    let upstream_upgrade = (response.status() == StatusCode::SWITCHING_PROTOCOLS)
+        .then(|| hyper::upgrade::on(&mut response));
+    let (mut parts, body) = response.into_parts();
+    draft.status = Some(parts.status.as_u16());
+    if let (Some(client_upgrade), Some(upstream_upgrade)) = (client_upgrade, upstream_upgrade) {
+        let shared_ws = shared.clone();
+        let mut shutdown = shared.shutdown_signal();
+        tokio::spawn(async move {
+            let spliced = async {
+                let (client, upstream) = tokio::try_join!(client_upgrade, upstream_upgrade)
+                    .map_err(std::io::Error::other)?;
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            };
+            let (bytes_up, bytes_down) = tokio::select! {
+                result = spliced => result.unwrap_or((0, 0)),
+                _ = shutdown.changed() => (0, 0),
+            };
+            draft.bytes_up = bytes_up;
+            draft.bytes_down = bytes_down;
+            draft.duration_ms = elapsed_ms(started);
+            draft.detail = Some("websocket: frames are not scanned".into());
+            shared_ws.record(draft);
+        });
+        return Response::from_parts(parts, full_body(Bytes::new()));
+    }
+
+    strip_hop_by_hop(&mut parts.headers);
+    let mut response_body: ProxyBody = body.map_err(crate::gateway::BoxError::from).boxed_unsync();
+    if !injected.is_empty() {
+        for credential in &injected {
+            credential.scrub_headers(&mut parts.headers);
+        }
+        // Only bodies without a content coding can be scrubbed in flight.
+        let identity = parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        if identity {
+            let lengths_differ = injected
+                .iter()
+                .any(|c| c.placeholder().len() != c.secret().len());
+            if lengths_differ {
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
+            response_body = Scrubbed::new(response_body, &injected).boxed_unsync();
+        }
+    }
+    let down = Arc::new(AtomicU64::new(0));
+    let down_read = down.clone();
+    let metered = Metered::new(response_body, down, move || {
+        draft.bytes_up = up.load(Ordering::Relaxed);
+        draft.bytes_down = down_read.load(Ordering::Relaxed);
+        draft.duration_ms = elapsed_ms(started);
+        shared.record(draft);
+    });
+    Response::from_parts(parts, metered.boxed_unsync())
+}
+
+enum SendError {
+    Connect(crate::upstream::UpstreamError),
+    Upstream(String),
+}
+
+async fn send_plain(
+    shared: &Shared,
+    policy: &bot_bottle_core::policy::EgressPolicy,
+    target: &Target,
+    mut request: Request<ProxyBody>,
+    authority: &str,
+    path_and_query: &str,
+) -> Result<Response<Incoming>, SendError> {
+    let stream = shared
+        .resolver(policy, &target.host)
+        .connect(&target.host, target.port)
+        .await
+        .map_err(SendError::Connect)?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| SendError::Upstream(e.to_string()))?;
+    tokio::spawn(connection.with_upgrades());
+    *request.uri_mut() = path_and_query
+        .parse()
+        .unwrap_or_else(|_| hyper::Uri::from_static("/"));
+    if let Ok(value) = HeaderValue::from_str(authority) {
+        request.headers_mut().insert(header::HOST, value);
+    }
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| SendError::Upstream(e.to_string()))
 }

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -23,8 +22,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::audit::{AuditDecision, AuditError, AuditLog, EventDraft, EventKind};
-use crate::body::Metered;
+use crate::custody::ResolvedCredential;
+use crate::dlp::{DlpRules, Scanner};
+use crate::tls::{CertificateAuthority, TlsError, UpstreamTls};
 use crate::upstream::{Resolver, UpstreamError};
+use rustls::pki_types::CertificateDer;
+
+/// Open client connections at most; see the accept loop.
+const MAX_CONNECTIONS: usize = 1024;
 
 /// The header a block response carries, with a machine-readable reason.
 pub const BLOCK_HEADER: &str = "x-bot-bottle-block";
@@ -32,7 +37,7 @@ pub const BLOCK_HEADER: &str = "x-bot-bottle-block";
 pub const ERROR_HEADER: &str = "x-bot-bottle-error";
 
 /// A client that sends no complete request head within this time is dropped (slowloris).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -65,6 +70,31 @@ pub struct GatewayConfig {
     /// Refuse every upstream address that is not loopback: the network-safety guard
     /// that every test turns on.
     pub loopback_only: bool,
+    /// The bottle's interception CA; `None` makes a fresh in-memory one (the bottle must
+    /// then be given [`GatewayHandle::ca_cert_pem`]). Use
+    /// [`CertificateAuthority::load_or_create`] so the CA survives freeze and resume.
+    pub ca: Option<Arc<CertificateAuthority>>,
+    /// Credentials in custody; the bottle holds only their placeholders.
+    pub credentials: Vec<ResolvedCredential>,
+    /// DLP rules; `None` means the built-in set ([`DlpRules::builtin`]).
+    pub dlp_rules: Option<DlpRules>,
+    /// What to do with a request body over the DLP scan cap.
+    pub dlp_over_cap: OverCap,
+    /// Roots trusted for upstream TLS besides (or, with `native_roots: false`, instead
+    /// of) the system store; tests add their loopback origin's CA here.
+    pub extra_upstream_roots: Vec<CertificateDer<'static>>,
+    pub native_roots: bool,
+}
+
+/// The policy for a request body larger than the DLP scan cap
+/// ([`crate::dlp::DEFAULT_MAX_DECODED`], 8 MiB decoded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OverCap {
+    /// Refuse it (403 `dlp-body-too-large`). Fail closed: the default.
+    #[default]
+    Block,
+    /// Scan the first cap bytes, send the rest unscanned; the audit event says so.
+    Pass,
 }
 
 impl GatewayConfig {
@@ -76,6 +106,12 @@ impl GatewayConfig {
             audit_path: audit_path.into(),
             upstream_overrides: HashMap::new(),
             loopback_only: false,
+            ca: None,
+            credentials: Vec::new(),
+            dlp_rules: None,
+            dlp_over_cap: OverCap::Block,
+            extra_upstream_roots: Vec::new(),
+            native_roots: true,
         }
     }
 }
@@ -97,6 +133,12 @@ pub enum GatewayError {
     SocketInUse { path: PathBuf },
     #[error("audit log unavailable")]
     Audit(#[from] AuditError),
+    #[error("TLS setup failed")]
+    Tls(#[from] TlsError),
+    #[error(
+        "credentials `{first}` and `{second}` share a placeholder\nhint: give each credential its own name"
+    )]
+    DuplicateCredential { first: String, second: String },
 }
 
 pub(crate) struct Shared {
@@ -105,6 +147,12 @@ pub(crate) struct Shared {
     overrides: HashMap<String, SocketAddr>,
     loopback_only: bool,
     shutdown: watch::Receiver<bool>,
+    pub(crate) ca: Arc<CertificateAuthority>,
+    pub(crate) upstream_tls: UpstreamTls,
+    pub(crate) credentials: Vec<ResolvedCredential>,
+    pub(crate) scanner: Scanner,
+    pub(crate) over_cap: OverCap,
+    connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -165,6 +213,34 @@ impl std::fmt::Debug for Shared {
 /// An invalid policy, an unusable audit log, or a listener that cannot be bound.
 pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError> {
     config.policy.validate()?;
+    for (i, a) in config.credentials.iter().enumerate() {
+        for b in &config.credentials[i + 1..] {
+            if a.placeholder() == b.placeholder() || a.spec.name == b.spec.name {
+                return Err(GatewayError::DuplicateCredential {
+                    first: a.spec.name.clone(),
+                    second: b.spec.name.clone(),
+                });
+            }
+        }
+    }
+    let ca = match config.ca {
+        Some(ca) => ca,
+        None => Arc::new(CertificateAuthority::generate("bot-bottle gateway CA")?),
+    };
+    let upstream_tls = UpstreamTls::new(&config.extra_upstream_roots, config.native_roots)?;
+    let scanner = Scanner::with_placeholders(
+        config.dlp_rules.unwrap_or_else(DlpRules::builtin),
+        config
+            .credentials
+            .iter()
+            .map(ResolvedCredential::custody_secret)
+            .collect(),
+        config
+            .credentials
+            .iter()
+            .map(ResolvedCredential::placeholder_secret)
+            .collect(),
+    );
     let audit = AuditLog::open(&config.audit_path)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let listener = bind(&config.listen).await?;
@@ -179,6 +255,12 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
             .collect(),
         loopback_only: config.loopback_only,
         shutdown: shutdown_rx,
+        ca,
+        upstream_tls,
+        credentials: config.credentials,
+        scanner,
+        over_cap: config.dlp_over_cap,
+        connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
     });
     let mut started = EventDraft::new(EventKind::Gateway, AuditDecision::Info, "gateway-started");
     started.detail = Some(format!(
@@ -245,6 +327,22 @@ impl GatewayHandle {
         event.detail = Some(summary);
         self.shared.audit.append(event)?;
         Ok(())
+    }
+
+    /// The CA certificate (PEM) the bottle must trust; its key never leaves the host.
+    #[must_use]
+    pub fn ca_cert_pem(&self) -> &str {
+        self.shared.ca.cert_pem()
+    }
+
+    /// The placeholder of each credential, by name, for the bottle's environment.
+    #[must_use]
+    pub fn placeholders(&self) -> Vec<(String, String)> {
+        self.shared
+            .credentials
+            .iter()
+            .map(|c| (c.spec.name.clone(), c.placeholder().to_string()))
+            .collect()
     }
 
     /// The policy in force.
@@ -320,12 +418,22 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             _ = shutdown.changed() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = accept_one(&listener) => match accepted {
-                Ok(Accepted::Tcp(stream)) => {
-                    let _ = stream.set_nodelay(true);
-                    connections.spawn(serve_client(stream, shared.clone()));
-                }
-                Ok(Accepted::Unix(stream)) => {
-                    connections.spawn(serve_client(stream, shared.clone()));
+                Ok(accepted) => {
+                    // Past the limit a new client is dropped at once rather than queued:
+                    // one bottle's agent never needs that many connections.
+                    let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+                        tracing::warn!("connection limit reached; dropping a client");
+                        continue;
+                    };
+                    match accepted {
+                        Accepted::Tcp(stream) => {
+                            let _ = stream.set_nodelay(true);
+                            connections.spawn(serve_client(stream, shared.clone(), permit));
+                        }
+                        Accepted::Unix(stream) => {
+                            connections.spawn(serve_client(stream, shared.clone(), permit));
+                        }
+                    }
                 }
                 Err(err) => {
                     // Out of descriptors and the like: back off instead of spinning.
@@ -350,7 +458,7 @@ async fn accept_one(listener: &Listener) -> std::io::Result<Accepted> {
     }
 }
 
-async fn serve_client<S>(stream: S, shared: Arc<Shared>)
+async fn serve_client<S>(stream: S, shared: Arc<Shared>, _permit: tokio::sync::OwnedSemaphorePermit)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -530,12 +638,7 @@ async fn handle_proxy_request(shared: Arc<Shared>, req: Request<Incoming>) -> Re
             );
         }
     }
-    let request = crate::forward::Forward {
-        shared: shared.clone(),
-        target,
-        started,
-    };
-    request.run_plain(req).await
+    crate::forward::process(shared, target, req, crate::forward::Route::Plain, started).await
 }
 
 /// Whether a `Host` (or `:authority`) value names `target`; a missing port means
@@ -617,36 +720,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("proxy-connection");
     headers.remove("keep-alive");
-}
-
-/// Builds the audit event that a finished exchange writes, and counts its bytes.
-pub(crate) struct Exchange {
-    pub shared: Arc<Shared>,
-    pub draft: EventDraft,
-    pub started: Instant,
-    pub up: Arc<AtomicU64>,
-    pub down: Arc<AtomicU64>,
-}
-
-impl Exchange {
-    /// Wraps the response body so the event is written when it ends or is dropped.
-    pub(crate) fn finish_with(self, response: Response<Incoming>) -> Response<ProxyBody> {
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        let mut draft = self.draft;
-        draft.status = Some(parts.status.as_u16());
-        let shared = self.shared;
-        let started = self.started;
-        let up = self.up;
-        let down = self.down.clone();
-        let body = Metered::new(body, self.down, move || {
-            draft.bytes_up = up.load(Ordering::Relaxed);
-            draft.bytes_down = down.load(Ordering::Relaxed);
-            draft.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            shared.record(draft);
-        });
-        Response::from_parts(parts, body.boxed_unsync())
-    }
 }
 
 pub(crate) fn upstream_failure(

@@ -5,12 +5,36 @@
 
 pub mod audit;
 mod body;
+mod custody;
 pub mod dlp;
 mod forward;
 mod gateway;
+mod mitm;
+pub mod tls;
 mod tunnel;
 mod upstream;
 
+pub use custody::{CustodyError, ResolvedCredential};
+pub use tls::{CertificateAuthority, TlsError};
+
+/// Environment variables that point a tool at a CA bundle, all of which the bottle sets
+/// to a bundle holding the system roots plus the bottle's gateway CA (system roots stay
+/// because `passthrough` hosts present their real certificates).
+/// `NODE_EXTRA_CA_CERTS` adds to Node's built-in roots, so it may point at the gateway
+/// CA alone. `CODEX_CA_CERTIFICATE` is read by the Codex CLI.
+pub const CA_ENV_VARS: &[&str] = &[
+    "SSL_CERT_FILE",
+    "NODE_EXTRA_CA_CERTS",
+    "CODEX_CA_CERTIFICATE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "PIP_CERT",
+    "CARGO_HTTP_CAINFO",
+    "AWS_CA_BUNDLE",
+    "DENO_CERT",
+];
+
 pub use gateway::{
-    BLOCK_HEADER, ERROR_HEADER, GatewayConfig, GatewayError, GatewayHandle, Listen, start,
+    BLOCK_HEADER, ERROR_HEADER, GatewayConfig, GatewayError, GatewayHandle, Listen, OverCap, start,
 };

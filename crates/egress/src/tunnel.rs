@@ -1,4 +1,5 @@
-//! CONNECT: decided by host and port, then tunnelled.
+//! CONNECT: decided by host and port, then intercepted, or for a `passthrough` rule
+//! tunnelled as is.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -60,6 +61,17 @@ pub(crate) async fn handle_connect(
         Err(err) => return upstream_failure(&shared, &err, draft),
     };
     let upgrade = hyper::upgrade::on(req);
+    if !decision.passthrough {
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    crate::mitm::intercept(shared, upgraded, host, port, upstream).await
+                }
+                Err(err) => tracing::debug!(error = %err, "CONNECT upgrade failed"),
+            }
+        });
+        return Response::new(full_body(""));
+    }
     let mut shutdown = shared.shutdown_signal();
     tokio::spawn(async move {
         let tunnel = async {
@@ -76,7 +88,7 @@ pub(crate) async fn handle_connect(
         draft.bytes_up = up;
         draft.bytes_down = down;
         draft.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        draft.detail = Some("opaque tunnel: not intercepted".into());
+        draft.detail = Some("passthrough: not intercepted".into());
         shared.record(draft);
     });
     Response::new(full_body(""))

@@ -3,5 +3,6 @@
 //! upstream-override map.
 
 mod audit_chain;
+mod mitm;
 mod proxy;
 mod support;

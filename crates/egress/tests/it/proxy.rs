@@ -13,6 +13,7 @@ rules:
     paths: ["/v1/*"]
   - host: tunnel.test
     port: 9443
+    passthrough: true
 "#;
 
 #[tokio::test]
@@ -112,7 +113,7 @@ async fn blocks_with_a_reason_header_and_audits_it() {
 }
 
 #[tokio::test]
-async fn connect_tunnels_are_decided_by_host_and_port() {
+async fn passthrough_tunnels_are_decided_by_host_and_port() {
     let origin = origin().await;
     let gw = gateway(
         policy(RULES),
@@ -179,7 +180,7 @@ async fn connect_tunnels_are_decided_by_host_and_port() {
         "{summary:?}"
     );
     assert!(
-        summary.contains(&"allow allowed-by-rule tunnel.test:9443".to_string()),
+        summary.contains(&"allow allowed-passthrough tunnel.test:9443".to_string()),
         "{summary:?}"
     );
     let tunnel = events

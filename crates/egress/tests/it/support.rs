@@ -2,6 +2,9 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::Digest as _;
 
 use bot_bottle_core::policy::{AuditLevel, EgressPolicy};
 use bot_bottle_egress::{GatewayConfig, GatewayHandle, Listen};
@@ -185,4 +188,191 @@ pub fn traffic(path: &Path) -> Vec<serde_json::Value> {
         .into_iter()
         .filter(|e| e["kind"] == "request" || e["kind"] == "connect")
         .collect()
+}
+
+/// A test CA for loopback HTTPS origins (stands in for the public PKI).
+pub struct TestPki {
+    pub ca_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "egress test origin CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).expect("self-signed");
+        TestPki {
+            ca_pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    pub fn roots(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        bot_bottle_egress::tls::certs_from_pem(&self.ca_pem).expect("test CA parses")
+    }
+
+    fn server_config(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_string()).collect::<Vec<_>>(),
+        )
+        .expect("params");
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
+        let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
+        );
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key_der)
+        .expect("server config");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+pub type Handler = Arc<
+    dyn Fn(
+            Request<hyper::body::Incoming>,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Full<Bytes>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A loopback HTTPS origin (HTTP/1.1 and HTTP/2) with a certificate for `names`, running
+/// `handler`, or the echo handler when `None`.
+pub async fn tls_origin(pki: &TestPki, names: &[&str], handler: Option<Handler>) -> SocketAddr {
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(names));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind origin");
+    let addr = listener.local_addr().expect("addr");
+    let handler: Handler = handler.unwrap_or_else(|| Arc::new(|req| Box::pin(tls_echo(req))));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Echoes what the origin received, so tests can see what the gateway sent upstream.
+async fn tls_echo(req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let version = format!("{:?}", req.version());
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let authority = req
+        .uri()
+        .authority()
+        .map(ToString::to_string)
+        .or_else(|| {
+            req.headers()
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let authorization = header("authorization");
+    let api_key = header("x-api-key");
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    // Digests let a test check what the origin received without the response echoing
+    // the credential itself (which the gateway would scrub).
+    let digest = |s: &str| hex::encode(sha2::Sha256::digest(s.as_bytes()));
+    let text = format!(
+        "{version} {method} {path} query={query} authority={authority} authorization={authorization} x-api-key={api_key} authorization-sha256={} x-api-key-sha256={} query-sha256={} body={}",
+        digest(&authorization),
+        digest(&api_key),
+        digest(&query),
+        String::from_utf8_lossy(&body)
+    );
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    if let Ok(value) = hyper::header::HeaderValue::from_str(&api_key) {
+        response.headers_mut().insert("x-echo-key", value);
+    }
+    response
+}
+
+/// A gateway that intercepts TLS and trusts `pki` for upstreams (and nothing else).
+pub async fn tls_gateway(
+    policy: EgressPolicy,
+    overrides: &[(&str, SocketAddr)],
+    pki: &TestPki,
+    credentials: Vec<bot_bottle_egress::ResolvedCredential>,
+) -> (TestGateway, PathBuf) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let audit_path = dir.path().join("state/test/egress.jsonl");
+    let mut policy = policy;
+    if policy.audit.is_none() {
+        policy.audit = Some(AuditLevel::All);
+    }
+    let mut config = GatewayConfig::new(
+        Listen::Tcp("127.0.0.1:0".parse().expect("addr")),
+        policy,
+        &audit_path,
+    );
+    config.upstream_overrides = overrides
+        .iter()
+        .map(|(host, addr)| ((*host).to_string(), *addr))
+        .collect();
+    config.loopback_only = true;
+    config.native_roots = false;
+    config.extra_upstream_roots = pki.roots();
+    config.credentials = credentials;
+    let handle = bot_bottle_egress::start(config)
+        .await
+        .expect("gateway starts");
+    let ca_path = dir.path().join("gateway-ca.pem");
+    std::fs::write(&ca_path, handle.ca_cert_pem()).expect("write CA");
+    (
+        TestGateway {
+            handle,
+            audit_path,
+            _dir: dir,
+        },
+        ca_path,
+    )
 }

