@@ -119,6 +119,7 @@ pub fn launch_options(home: Home, quiet: bool) -> Result<LaunchOptions, BottleEr
         shim_binary: shim_binary()?,
         gateway: GatewaySettings::from_env()?,
         confirm: None,
+        agent_stdout_to_stderr: false,
     })
 }
 

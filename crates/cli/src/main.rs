@@ -50,6 +50,9 @@ enum Command {
     Bottles(JsonArgs),
     /// Show, verify or export a bottle's egress audit log
     Audit(AuditArgs),
+    /// Verify a signed provenance record offline, or export the signing public key
+    #[command(subcommand)]
+    Provenance(ProvenanceAction),
     /// In-bottle PID 1: forward loopback ports to host sockets and run the agent
     #[command(hide = true)]
     Shim(ShimArgs),
@@ -152,6 +155,22 @@ enum AuditAction {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProvenanceAction {
+    /// Check a DSSE envelope's signature and print the statement it carries
+    Verify {
+        /// The envelope (e.g. state/<slug>/provenance.json)
+        file: PathBuf,
+        /// The public key: PEM (SPKI) or raw 32 bytes in base64
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print this host's provenance public key (PEM), creating the key pair on first use
+    ExportKey,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -276,6 +295,7 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Agents(args) => list_manifests(true, args.json),
         Command::Bottles(args) => list_manifests(false, args.json),
         Command::Audit(args) => audit_command(args).await,
+        Command::Provenance(action) => provenance_command(action),
         Command::Shim(_) => unreachable!("handled before the runtime starts"),
     }
 }
@@ -367,6 +387,7 @@ async fn start(args: StartArgs) -> Result<i32, Failure> {
         return Ok(0);
     }
     let mut options = launch_options(home, args.json)?;
+    options.agent_stdout_to_stderr = args.json;
     if interactive {
         options.confirm = Some(Box::new(confirm_plan));
     }
@@ -489,7 +510,8 @@ async fn resume(args: ResumeArgs) -> Result<i32, Failure> {
             "use `--headless --prompt '…'` in scripts and CI",
         ));
     }
-    let options = launch_options(home, args.json)?;
+    let mut options = launch_options(home, args.json)?;
+    options.agent_stdout_to_stderr = args.json;
     let outcome = launch::resume(&args.slug, args.prompt, args.backend, &options).await?;
     if args.json {
         print_json(&serde_json::to_value(&outcome).unwrap_or_default());
@@ -720,6 +742,43 @@ async fn show_audit(path: &std::path::Path, json: bool, follow: bool) -> Result<
                 Ok(event) => println!("{}", audit::format_event(&event)),
                 Err(_) => println!("(unparseable line) {text}"),
             }
+        }
+    }
+}
+
+fn provenance_command(action: ProvenanceAction) -> Result<i32, Failure> {
+    use bot_bottle_core::provenance;
+    match action {
+        ProvenanceAction::Verify { file, key, json } => {
+            let verified =
+                provenance::verify_envelope_file(&file, &key).map_err(|err| Failure {
+                    code: 1,
+                    error: anyhow::Error::new(err),
+                })?;
+            if json {
+                print_json(&serde_json::json!({
+                    "ok": true,
+                    "key_id": verified.key_id,
+                    "statement": serde_json::to_value(&verified.statement).unwrap_or_default(),
+                }));
+            } else {
+                println!("ok: signature valid (key {})", verified.key_id);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&verified.statement).unwrap_or_default()
+                );
+            }
+            Ok(0)
+        }
+        ProvenanceAction::ExportKey => {
+            let home = Home::from_env().map_err(RuntimeError::from)?;
+            let keys =
+                provenance::ProvenanceKeys::load_or_create(home.root()).map_err(|err| Failure {
+                    code: exit_codes::STATE,
+                    error: anyhow::Error::new(err),
+                })?;
+            print!("{}", keys.public_key_pem());
+            Ok(0)
         }
     }
 }

@@ -318,7 +318,11 @@ impl DockerEngine {
 
     /// Runs a headless container to completion: output to this process's stdout and
     /// stderr, returns the exit code.
-    pub async fn run_headless(&self, container: &str) -> Result<i64, DockerError> {
+    pub async fn run_headless(
+        &self,
+        container: &str,
+        stdout_to_stderr: bool,
+    ) -> Result<i64, DockerError> {
         let attach = self
             .docker
             .attach_container(
@@ -344,6 +348,11 @@ impl DockerEngine {
         while let Some(chunk) = output.next().await {
             match chunk {
                 Ok(LogOutput::StdErr { message }) => {
+                    let _ = std::io::stderr().write_all(&message);
+                }
+                Ok(LogOutput::StdOut { message } | LogOutput::Console { message })
+                    if stdout_to_stderr =>
+                {
                     let _ = std::io::stderr().write_all(&message);
                 }
                 Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {

@@ -148,6 +148,9 @@ pub fn parse_overrides(text: &str) -> Result<HashMap<String, SocketAddr>, String
     Ok(map)
 }
 
+/// Asked with the rendered plan before launching; returns whether to go on.
+pub type Confirm = Box<dyn Fn(&BottlePlan) -> bool + Send + Sync>;
+
 /// How to launch.
 pub struct LaunchOptions {
     pub home: Home,
@@ -157,7 +160,9 @@ pub struct LaunchOptions {
     pub gateway: GatewaySettings,
     /// Asked with the rendered plan before launching; `None` launches without asking
     /// (headless). Returns whether to go on.
-    pub confirm: Option<Box<dyn Fn(&BottlePlan) -> bool + Send + Sync>>,
+    pub confirm: Option<Confirm>,
+    /// Send the agent's stdout to this process's stderr, keeping stdout for `--json`.
+    pub agent_stdout_to_stderr: bool,
 }
 
 /// The result of one agent session.
@@ -420,7 +425,9 @@ async fn run_session(
 
     let run = async {
         if plan.headless {
-            engine.run_headless(&container_id).await
+            engine
+                .run_headless(&container_id, options.agent_stdout_to_stderr)
+                .await
         } else {
             engine.run_interactive(&container_id).await
         }

@@ -12,8 +12,14 @@ pub const AGENT_UID: u32 = 1000;
 
 impl Project {
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("bb-proj-").tempdir().unwrap();
-        let home = tempfile::Builder::new().prefix("bb-home-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("bb-proj-")
+            .tempdir()
+            .unwrap();
+        let home = tempfile::Builder::new()
+            .prefix("bb-home-")
+            .tempdir()
+            .unwrap();
         std::fs::create_dir_all(dir.path().join(".bot-bottle/agents")).unwrap();
         std::fs::create_dir_all(dir.path().join(".bot-bottle/bottles")).unwrap();
         // The agent never runs as root; when the tests do, hand it the workspace.
@@ -34,18 +40,30 @@ impl Project {
     }
 
     pub fn agent(&self, name: &str, text: &str) -> &Self {
-        std::fs::write(self.path().join(format!(".bot-bottle/agents/{name}.md")), text).unwrap();
+        std::fs::write(
+            self.path().join(format!(".bot-bottle/agents/{name}.md")),
+            text,
+        )
+        .unwrap();
         self
     }
 
     pub fn bottle(&self, name: &str, text: &str) -> &Self {
-        std::fs::write(self.path().join(format!(".bot-bottle/bottles/{name}.md")), text).unwrap();
+        std::fs::write(
+            self.path().join(format!(".bot-bottle/bottles/{name}.md")),
+            text,
+        )
+        .unwrap();
         self
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(bin());
-        cmd.args(args)
+        // A hung agent must fail the test, not stall CI: `timeout` ends it.
+        let mut cmd = Command::new("timeout");
+        cmd.arg("--kill-after=10")
+            .arg("900")
+            .arg(bin())
+            .args(args)
             .current_dir(self.path())
             .env("BOT_BOTTLE_HOME", self.home.path())
             .env("BOT_BOTTLE_LOOPBACK_ONLY", "1")
@@ -74,14 +92,21 @@ impl Project {
         let Ok(entries) = std::fs::read_dir(state) else {
             return Vec::new();
         };
-        let mut slugs: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let mut slugs: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         slugs.sort();
         slugs
     }
 
     pub fn audit_lines(&self, slug: &str) -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(self.home.path().join(format!("state/{slug}/egress.jsonl"))).unwrap();
-        text.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+        let text =
+            std::fs::read_to_string(self.home.path().join(format!("state/{slug}/egress.jsonl")))
+                .unwrap();
+        text.lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
     }
 }
 

@@ -1,11 +1,14 @@
 //! Bad input gets a clear error, a hint and a nonzero, documented exit code.
 
-use crate::common::{stderr, stdout, Project, COMMAND_BOTTLE};
+use crate::common::{COMMAND_BOTTLE, Project, stderr, stdout};
 
 fn project() -> Project {
     let project = Project::new();
     project
-        .agent("worker", "---\nprovider: command\ncommand: [\"true\"]\nbottles: plain\n---\nWork.\n")
+        .agent(
+            "worker",
+            "---\nprovider: command\ncommand: [\"true\"]\nbottles: plain\n---\nWork.\n",
+        )
         .agent("lonely", "---\nprovider: claude\n---\n")
         .bottle("plain", COMMAND_BOTTLE);
     project
@@ -49,24 +52,55 @@ fn resume_headless_without_prompt() {
 #[test]
 fn resume_unknown_slug_suggests_ps() {
     let out = project().run(&["resume", "worker-abcde", "--headless", "--prompt", "x"]);
-    assert_error(&out, 66, &["no state recorded for `worker-abcde`", "bot-bottle ps"]);
+    assert_error(
+        &out,
+        66,
+        &["no state recorded for `worker-abcde`", "bot-bottle ps"],
+    );
 }
 
 #[test]
 fn unknown_agent_lists_known_ones() {
-    let out = project().run(&["start", "nobody", "--headless", "--prompt", "x", "--dry-run"]);
+    let out = project().run(&[
+        "start",
+        "nobody",
+        "--headless",
+        "--prompt",
+        "x",
+        "--dry-run",
+    ]);
     assert_error(&out, 78, &["unknown agent `nobody`", "`worker`"]);
 }
 
 #[test]
 fn agent_without_default_bottle() {
-    let out = project().run(&["start", "lonely", "--headless", "--prompt", "x", "--dry-run"]);
-    assert_error(&out, 78, &["agent `lonely` has no default bottle", "--bottle NAME"]);
+    let out = project().run(&[
+        "start",
+        "lonely",
+        "--headless",
+        "--prompt",
+        "x",
+        "--dry-run",
+    ]);
+    assert_error(
+        &out,
+        78,
+        &["agent `lonely` has no default bottle", "--bottle NAME"],
+    );
 }
 
 #[test]
 fn unknown_bottle() {
-    let out = project().run(&["start", "worker", "--headless", "--prompt", "x", "--bottle", "nope", "--dry-run"]);
+    let out = project().run(&[
+        "start",
+        "worker",
+        "--headless",
+        "--prompt",
+        "x",
+        "--bottle",
+        "nope",
+        "--dry-run",
+    ]);
     assert_error(&out, 78, &["unknown bottle `nope`", "`plain`"]);
 }
 
@@ -74,30 +108,64 @@ fn unknown_bottle() {
 fn malformed_manifest_names_file_and_line() {
     let project = project();
     project.bottle("broken", "---\negress:\n  rules: []\nimgae: {}\n---\n");
-    let out = project.run(&["start", "worker", "--headless", "--prompt", "x", "--dry-run"]);
-    assert_error(&out, 78, &["bottles/broken.md:4:", "imgae", "known keys here"]);
+    let out = project.run(&[
+        "start",
+        "worker",
+        "--headless",
+        "--prompt",
+        "x",
+        "--dry-run",
+    ]);
+    assert_error(
+        &out,
+        78,
+        &["bottles/broken.md:4:", "imgae", "known keys here"],
+    );
 }
 
 #[test]
 fn bad_egress_rule_is_refused() {
     let project = project();
     project.bottle("plain", "---\negress:\n  rules:\n    - host: \"\"\n---\n");
-    let out = project.run(&["start", "worker", "--headless", "--prompt", "x", "--dry-run"]);
+    let out = project.run(&[
+        "start",
+        "worker",
+        "--headless",
+        "--prompt",
+        "x",
+        "--dry-run",
+    ]);
     assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
-    assert!(stderr(&out).contains("bottles/plain.md"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("bottles/plain.md"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn unreachable_docker_daemon() {
     let mut project = project();
-    project.env.push(("DOCKER_HOST".into(), "unix:///nonexistent/docker.sock".into()));
+    project.env.push((
+        "DOCKER_HOST".into(),
+        "unix:///nonexistent/docker.sock".into(),
+    ));
     let out = project.run(&["start", "worker", "--headless", "--prompt", "x"]);
     assert_error(&out, 69, &["cannot reach the Docker engine", "DOCKER_HOST"]);
 }
 
 #[test]
 fn unknown_backend() {
-    let out = project().run(&["start", "worker", "--headless", "--prompt", "x", "--backend", "vmware", "--dry-run"]);
+    let out = project().run(&[
+        "start",
+        "worker",
+        "--headless",
+        "--prompt",
+        "x",
+        "--backend",
+        "vmware",
+        "--dry-run",
+    ]);
     assert_error(&out, 78, &["unknown backend `vmware`"]);
 }
 
@@ -111,17 +179,28 @@ fn audit_of_unknown_slug() {
 fn dry_run_prints_the_plan_and_launches_nothing() {
     let project = project();
     let mut cmd = project.cmd(&["start", "worker", "--headless", "--prompt", "Do it"]);
-    cmd.env("BOT_BOTTLE_DRY_RUN", "1").env("DOCKER_HOST", "unix:///nonexistent/docker.sock");
+    cmd.env("BOT_BOTTLE_DRY_RUN", "1")
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock");
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out).replace(&project.path().display().to_string(), "[PROJECT]");
+    // The image tag hashes the agent uid, which differs between machines.
+    let text = regex_lite_replace(&text, "bot-bottle/bottle:", "[HASH]");
     insta::assert_snapshot!("dry_run_plan", text);
     assert!(project.state_dirs().is_empty());
 }
 
 #[test]
 fn dry_run_json_is_machine_readable() {
-    let out = project().run(&["start", "worker", "--headless", "--prompt", "Do it", "--dry-run", "--json"]);
+    let out = project().run(&[
+        "start",
+        "worker",
+        "--headless",
+        "--prompt",
+        "Do it",
+        "--dry-run",
+        "--json",
+    ]);
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(plan["agent"], "worker");
     assert_eq!(plan["bottles"], serde_json::json!(["plain"]));
@@ -141,6 +220,21 @@ fn agents_and_bottles_list_where_they_came_from() {
 
 #[test]
 fn help_snapshot() {
-    let out = std::process::Command::new(crate::common::bin()).args(["start", "--help"]).output().unwrap();
+    let out = std::process::Command::new(crate::common::bin())
+        .args(["start", "--help"])
+        .output()
+        .unwrap();
     insta::assert_snapshot!("start_help", stdout(&out));
+}
+
+/// Replaces the 16 hex digits after `marker` with `replacement`.
+fn regex_lite_replace(text: &str, marker: &str, replacement: &str) -> String {
+    match text.find(marker) {
+        Some(at) => {
+            let start = at + marker.len();
+            let end = (start + 16).min(text.len());
+            format!("{}{replacement}{}", &text[..start], &text[end..])
+        }
+        None => text.to_owned(),
+    }
 }

@@ -1,6 +1,6 @@
 //! Docker: the bottle lifecycle and the sealed network, with the `command` provider.
 
-use crate::common::{slug_of, stderr, stdout, Project, COMMAND_BOTTLE};
+use crate::common::{COMMAND_BOTTLE, Project, slug_of, stderr, stdout};
 
 /// Writes a note on the first session; prints it when resumed with the prompt `check`.
 const NOTE_AGENT: &str = r#"---
@@ -13,13 +13,26 @@ bottles: plain
 #[test]
 fn docker_start_freeze_resume_destroy() {
     let project = Project::new();
-    project.agent("noter", NOTE_AGENT).bottle("plain", COMMAND_BOTTLE);
+    project
+        .agent("noter", NOTE_AGENT)
+        .bottle("plain", COMMAND_BOTTLE);
     // --cwd copies the workspace in, so the note lives only in the bottle's filesystem
     // and survives only through freeze → resume.
-    let out = project.run(&["start", "noter", "--headless", "--prompt", "data", "--cwd", "--json"]);
+    let out = project.run(&[
+        "start",
+        "noter",
+        "--headless",
+        "--prompt",
+        "data",
+        "--cwd",
+        "--json",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let slug = slug_of(&out);
-    assert!(!project.path().join("note.txt").exists(), "copy mode must not write to the host");
+    assert!(
+        !project.path().join("note.txt").exists(),
+        "copy mode must not write to the host"
+    );
 
     let out = project.run(&["freeze", &slug, "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -33,14 +46,29 @@ fn docker_start_freeze_resume_destroy() {
 
     let out = project.run(&["resume", &slug, "--headless", "--prompt", "check"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stdout(&out).contains("frozen data"), "resume did not see the file: {}", stdout(&out));
+    assert!(
+        stdout(&out).contains("frozen data"),
+        "resume did not see the file: {}",
+        stdout(&out)
+    );
 
     let out = project.run(&["destroy", &slug]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(project.state_dirs().is_empty(), "state dir left behind");
     let out = project.run(&["ps", "--json"]);
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!([]));
-    let images = std::process::Command::new("docker").args(["images", "-q", "--filter", &format!("label=dev.bot-bottle.slug={slug}")]).output().unwrap();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+        serde_json::json!([])
+    );
+    let images = std::process::Command::new("docker")
+        .args([
+            "images",
+            "-q",
+            "--filter",
+            &format!("label=dev.bot-bottle.slug={slug}"),
+        ])
+        .output()
+        .unwrap();
     assert_eq!(stdout(&images).trim(), "", "frozen image left behind");
     // Destroying again is not an error.
     let out = project.run(&["destroy", &slug]);
@@ -55,35 +83,70 @@ fn docker_exit_code_passes_through_and_bind_mount_writes_to_host() {
         .bottle("plain", COMMAND_BOTTLE);
     let out = project.run(&["start", "exiter", "--headless", "--prompt", "x"]);
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
-    assert_eq!(std::fs::read_to_string(project.path().join("out.txt")).unwrap(), "hi\n");
+    assert_eq!(
+        std::fs::read_to_string(project.path().join("out.txt")).unwrap(),
+        "hi\n"
+    );
 }
 
 #[test]
 fn docker_label_collision_is_uniquified() {
     let project = Project::new();
     project
-        .agent("sleeper", "---\nprovider: command\ncommand: [\"sleep\", \"20\"]\nbottles: plain\n---\n")
+        .agent(
+            "sleeper",
+            "---\nprovider: command\ncommand: [\"sleep\", \"20\"]\nbottles: plain\n---\n",
+        )
         .bottle("plain", COMMAND_BOTTLE);
-    let mut first = project.cmd(&["start", "sleeper", "--headless", "--prompt", "x", "--json"]).spawn().unwrap();
+    let mut first = project
+        .cmd(&["start", "sleeper", "--headless", "--prompt", "x", "--json"])
+        .spawn()
+        .unwrap();
     // Wait until the first bottle is running.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         let out = project.run(&["ps", "--json"]);
         let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if rows.as_array().is_some_and(|rows| rows.iter().any(|r| r["status"] == "running")) {
+        if rows
+            .as_array()
+            .is_some_and(|rows| rows.iter().any(|r| r["status"] == "running"))
+        {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "first bottle never ran");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "first bottle never ran"
+        );
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
-    let out = project.run(&["start", "sleeper", "--headless", "--prompt", "x", "--dry-run"]);
-    assert!(stdout(&out).contains("label      sleeper\n"), "dry run does not uniquify: {}", stdout(&out));
-    let mut second = project.cmd(&["start", "sleeper", "--headless", "--prompt", "x"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let out = project.run(&[
+        "start",
+        "sleeper",
+        "--headless",
+        "--prompt",
+        "x",
+        "--dry-run",
+    ]);
+    assert!(
+        stdout(&out).contains("label      sleeper\n"),
+        "dry run does not uniquify: {}",
+        stdout(&out)
+    );
+    let mut second = project
+        .cmd(&["start", "sleeper", "--headless", "--prompt", "x"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_secs(3));
     let _ = second.kill();
     let _ = first.kill();
+    let _ = second.wait();
+    let _ = first.wait();
     let err = std::io::read_to_string(second.stderr.take().unwrap()).unwrap_or_default();
-    assert!(err.contains("label `sleeper` is in use by a running bottle; using `sleeper-2`"), "{err}");
+    assert!(
+        err.contains("label `sleeper` is in use by a running bottle; using `sleeper-2`"),
+        "{err}"
+    );
 }
 
 /// Every way out that bypasses the gateway must fail; the gateway's own answer to a
@@ -109,15 +172,23 @@ fn docker_sealed_network() {
         "---\nprovider: command\ncommand: [\"bash\", \"-c\", {}]\nbottles: plain\n---\n",
         serde_json::to_string(ESCAPE_SCRIPT).unwrap()
     );
-    project.agent("escaper", &agent).bottle("plain", COMMAND_BOTTLE);
+    project
+        .agent("escaper", &agent)
+        .bottle("plain", COMMAND_BOTTLE);
     let out = project.run(&["start", "escaper", "--headless", "--prompt", "x", "--json"]);
     let text = stdout(&out);
     for attempt in ["direct-ip", "dns", "udp", "ipv6", "no-proxy-vars"] {
-        assert!(text.contains(&format!("SEALED {attempt}")), "{attempt} not sealed:\n{text}");
+        assert!(
+            text.contains(&format!("SEALED {attempt}")),
+            "{attempt} not sealed:\n{text}"
+        );
     }
     assert!(!text.contains("ESCAPED"), "{text}");
     assert!(text.contains("HTTP/1.1 403"), "{text}");
-    assert!(text.contains("x-bot-bottle-block: not-in-allowlist"), "{text}");
+    assert!(
+        text.contains("x-bot-bottle-block: not-in-allowlist"),
+        "{text}"
+    );
     // Only loopback exists inside.
     assert!(text.lines().any(|line| line.trim() == "lo"), "{text}");
     let slug = project.state_dirs().pop().unwrap();
@@ -127,11 +198,15 @@ fn docker_sealed_network() {
         .filter(|event| event["decision"] == "block")
         .collect();
     assert!(
-        blocks.iter().any(|e| e["host"] == "blocked.example" && e["method"] == "GET"),
+        blocks
+            .iter()
+            .any(|e| e["host"] == "blocked.example" && e["method"] == "GET"),
         "no audit entry for the plain-HTTP block: {blocks:?}"
     );
     assert!(
-        blocks.iter().any(|e| e["host"] == "blocked.example" && e["method"] == "CONNECT"),
+        blocks
+            .iter()
+            .any(|e| e["host"] == "blocked.example" && e["method"] == "CONNECT"),
         "no audit entry for the CONNECT block: {blocks:?}"
     );
     let verify = project.run(&["audit", "verify", &slug]);

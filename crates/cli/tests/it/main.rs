@@ -5,7 +5,10 @@
 //! They fail (never skip) when it is missing. Every launch runs the gateway with
 //! `BOT_BOTTLE_LOOPBACK_ONLY=1`, so a mistake fails a test instead of reaching out.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step is a failed test
+
+mod agents;
+
 mod common;
 mod errors;
 mod lifecycle;
-mod agents;
