@@ -132,3 +132,53 @@ where
         self.prefix.is_none() && self.rest.is_end_stream()
     }
 }
+
+/// Copies both ways between two streams until both directions end, and returns the
+/// bytes sent from `client` to `upstream` and back. Unlike `copy_bidirectional` the
+/// counts survive an abrupt close (a TLS peer that hangs up without `close_notify`),
+/// and once one direction ends the other gets `grace` to finish.
+pub(crate) async fn splice<A, B>(client: A, upstream: B, grace: std::time::Duration) -> (u64, u64)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn pump<R, W>(mut from: R, mut to: W, count: &AtomicU64)
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    count.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    let (client_read, client_write) = tokio::io::split(client);
+    let (upstream_read, upstream_write) = tokio::io::split(upstream);
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    {
+        let mut to_upstream = std::pin::pin!(pump(client_read, upstream_write, &up));
+        let mut to_client = std::pin::pin!(pump(upstream_read, client_write, &down));
+        tokio::select! {
+            () = &mut to_upstream => {
+                let _ = tokio::time::timeout(grace, to_client).await;
+            }
+            () = &mut to_client => {
+                let _ = tokio::time::timeout(grace, to_upstream).await;
+            }
+        }
+    }
+    (up.into_inner(), down.into_inner())
+}

@@ -364,10 +364,8 @@ pub(crate) struct Scrubbed<B> {
 
 impl<B> Scrubbed<B> {
     pub(crate) fn new(inner: B, credentials: &[&ResolvedCredential]) -> Self {
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = credentials
-            .iter()
-            .flat_map(|c| c.scrub_pairs())
-            .collect();
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> =
+            credentials.iter().flat_map(|c| c.scrub_pairs()).collect();
         let hold = pairs.iter().map(|(s, _)| s.len()).max().unwrap_or(1) - 1;
         Scrubbed {
             inner,

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -24,8 +24,8 @@ use crate::gateway::{
 };
 use crate::mitm::TunnelUpstream;
 
-/// A request body still arriving after this long is cut off (slow-body clients).
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// After one side of a spliced connection closes, how long the other may keep sending.
+pub(crate) const SPLICE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Where the request goes once it is allowed.
 pub(crate) enum Route<'a> {
@@ -147,7 +147,8 @@ pub(crate) async fn process(
             .get(header::CONTENT_ENCODING)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        match tokio::time::timeout(BODY_READ_TIMEOUT, collect_capped(body, cap)).await {
+        match tokio::time::timeout(shared.limits.body_read_timeout, collect_capped(body, cap)).await
+        {
             Err(_) => {
                 draft.decision = AuditDecision::Block;
                 draft.reason = "request-body-timeout".into();
@@ -331,14 +332,20 @@ pub(crate) async fn process(
         let mut shutdown = shared.shutdown_signal();
         tokio::spawn(async move {
             let spliced = async {
-                let (client, upstream) = tokio::try_join!(client_upgrade, upstream_upgrade)
-                    .map_err(std::io::Error::other)?;
-                let mut client = TokioIo::new(client);
-                let mut upstream = TokioIo::new(upstream);
-                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((client, upstream)) => {
+                        crate::body::splice(
+                            TokioIo::new(client),
+                            TokioIo::new(upstream),
+                            SPLICE_GRACE,
+                        )
+                        .await
+                    }
+                    Err(_) => (0, 0),
+                }
             };
             let (bytes_up, bytes_down) = tokio::select! {
-                result = spliced => result.unwrap_or((0, 0)),
+                counts = spliced => counts,
                 _ = shutdown.changed() => (0, 0),
             };
             draft.bytes_up = bytes_up;

@@ -28,16 +28,35 @@ use crate::tls::{CertificateAuthority, TlsError, UpstreamTls};
 use crate::upstream::{Resolver, UpstreamError};
 use rustls::pki_types::CertificateDer;
 
-/// Open client connections at most; see the accept loop.
-const MAX_CONNECTIONS: usize = 1024;
-
 /// The header a block response carries, with a machine-readable reason.
 pub const BLOCK_HEADER: &str = "x-bot-bottle-block";
 /// The header a gateway error (502, 504) carries; not a policy decision.
 pub const ERROR_HEADER: &str = "x-bot-bottle-error";
 
-/// A client that sends no complete request head within this time is dropped (slowloris).
-pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeouts and limits that keep slow or greedy clients from holding the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// A client that sends no complete request head within this time is dropped
+    /// (slowloris); it also bounds how long an idle keep-alive connection stays open.
+    pub header_read_timeout: Duration,
+    /// Each TLS handshake (client side, upstream side) must finish within this.
+    pub handshake_timeout: Duration,
+    /// A request body (up to the DLP cap) must arrive within this.
+    pub body_read_timeout: Duration,
+    /// Open client connections at most; past it new clients are dropped at once.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(15),
+            body_read_timeout: Duration::from_secs(120),
+            max_connections: 1024,
+        }
+    }
+}
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -84,6 +103,7 @@ pub struct GatewayConfig {
     /// of) the system store; tests add their loopback origin's CA here.
     pub extra_upstream_roots: Vec<CertificateDer<'static>>,
     pub native_roots: bool,
+    pub limits: Limits,
 }
 
 /// The policy for a request body larger than the DLP scan cap
@@ -112,6 +132,7 @@ impl GatewayConfig {
             dlp_over_cap: OverCap::Block,
             extra_upstream_roots: Vec::new(),
             native_roots: true,
+            limits: Limits::default(),
         }
     }
 }
@@ -153,6 +174,7 @@ pub(crate) struct Shared {
     pub(crate) scanner: Scanner,
     pub(crate) over_cap: OverCap,
     connections: Arc<tokio::sync::Semaphore>,
+    pub(crate) limits: Limits,
 }
 
 impl Shared {
@@ -260,7 +282,8 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         credentials: config.credentials,
         scanner,
         over_cap: config.dlp_over_cap,
-        connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        connections: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
+        limits: config.limits,
     });
     let mut started = EventDraft::new(EventKind::Gateway, AuditDecision::Info, "gateway-started");
     started.detail = Some(format!(
@@ -469,7 +492,7 @@ where
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(shared.limits.header_read_timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     let mut shutdown = shared.shutdown.clone();

@@ -36,5 +36,6 @@ pub const CA_ENV_VARS: &[&str] = &[
 ];
 
 pub use gateway::{
-    BLOCK_HEADER, ERROR_HEADER, GatewayConfig, GatewayError, GatewayHandle, Listen, OverCap, start,
+    BLOCK_HEADER, ERROR_HEADER, GatewayConfig, GatewayError, GatewayHandle, Limits, Listen,
+    OverCap, start,
 };

@@ -25,13 +25,9 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use crate::audit::{AuditDecision, EventDraft, EventKind};
 use crate::forward::{Route, process};
 use crate::gateway::{
-    HEADER_READ_TIMEOUT, ProxyBody, Shared, Target, block_response, error_response,
-    host_header_matches, request_draft,
+    ProxyBody, Shared, Target, block_response, error_response, host_header_matches, request_draft,
 };
 use crate::tls::{ALPN_H2, ALPN_HTTP11};
-
-/// A TLS handshake (either side) that takes longer than this is abandoned.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 enum Sender {
     H1(http1::SendRequest<ProxyBody>),
@@ -95,7 +91,7 @@ async fn upstream_tls(
     let config = shared.upstream_tls.for_client_offer(client_alpn);
     let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
     match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
+        shared.limits.handshake_timeout,
         TlsConnector::from(config).connect(name, tcp),
     )
     .await
@@ -179,7 +175,7 @@ pub(crate) async fn intercept(
 ) {
     let acceptor =
         LazyConfigAcceptor::new(rustls::server::Acceptor::default(), TokioIo::new(upgraded));
-    let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+    let start = match tokio::time::timeout(shared.limits.handshake_timeout, acceptor).await {
         Ok(Ok(start)) => start,
         Ok(Err(err)) => {
             shared.record(connect_event(
@@ -255,7 +251,11 @@ pub(crate) async fn intercept(
             return;
         }
     };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(server_config)).await
+    let tls = match tokio::time::timeout(
+        shared.limits.handshake_timeout,
+        start.into_stream(server_config),
+    )
+    .await
     {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
@@ -307,7 +307,7 @@ pub(crate) async fn intercept(
     } else {
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(shared.limits.header_read_timeout)
             .serve_connection(io, service)
             .with_upgrades();
         tokio::select! {

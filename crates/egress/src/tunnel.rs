@@ -75,13 +75,20 @@ pub(crate) async fn handle_connect(
     let mut shutdown = shared.shutdown_signal();
     tokio::spawn(async move {
         let tunnel = async {
-            let upgraded = upgrade.await.map_err(std::io::Error::other)?;
-            let mut client = TokioIo::new(upgraded);
-            let mut upstream = upstream;
-            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            match upgrade.await {
+                Ok(upgraded) => {
+                    crate::body::splice(
+                        TokioIo::new(upgraded),
+                        upstream,
+                        crate::forward::SPLICE_GRACE,
+                    )
+                    .await
+                }
+                Err(_) => (0, 0),
+            }
         };
         let (up, down) = tokio::select! {
-            result = tunnel => result.unwrap_or((0, 0)),
+            counts = tunnel => counts,
             _ = shutdown.changed() => (0, 0),
         };
         draft.status = Some(200);

@@ -3,6 +3,8 @@
 //! upstream-override map.
 
 mod audit_chain;
+mod clients;
+mod limits;
 mod mitm;
 mod proxy;
 mod support;

@@ -319,7 +319,8 @@ async fn injects_credentials_only_toward_their_hosts_and_scrubs_echoes() {
     .await;
     assert_eq!(sent.status, 200, "{}", sent.body);
     assert!(
-        sent.body.contains(&format!("x-api-key-sha256={}", sha256(API_KEY))),
+        sent.body
+            .contains(&format!("x-api-key-sha256={}", sha256(API_KEY))),
         "origin must receive the real key: {}",
         sent.body
     );
@@ -359,12 +360,16 @@ async fn injects_credentials_only_toward_their_hosts_and_scrubs_echoes() {
         base64::engine::general_purpose::STANDARD.encode(format!("bot:{git_placeholder}"))
     );
     assert!(
-        basic.body.contains(&format!("authorization-sha256={}", sha256(&real_basic))),
+        basic
+            .body
+            .contains(&format!("authorization-sha256={}", sha256(&real_basic))),
         "origin must receive the real Basic value: {}",
         basic.body
     );
     assert!(
-        basic.body.contains(&format!("authorization={placeholder_basic} ")),
+        basic
+            .body
+            .contains(&format!("authorization={placeholder_basic} ")),
         "{}",
         basic.body
     );
@@ -373,7 +378,8 @@ async fn injects_credentials_only_toward_their_hosts_and_scrubs_echoes() {
     // Nothing sent at all: the credential is injected in its configured form.
     let bare = curl(&proxy, &curl_tls(&ca, &["https://api.test/v1/models"])).await;
     assert!(
-        bare.body.contains(&format!("x-api-key-sha256={}", sha256(API_KEY))),
+        bare.body
+            .contains(&format!("x-api-key-sha256={}", sha256(API_KEY))),
         "{}",
         bare.body
     );
@@ -599,4 +605,143 @@ async fn refuses_a_private_upstream_not_named_by_a_dangerous_rule() {
 fn sha256(s: &str) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+/// An origin that upgrades `/v1/ws` and echoes every byte back.
+fn websocket_echo() -> crate::support::Handler {
+    std::sync::Arc::new(|mut req: hyper::Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = upgrade.await {
+                    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                    let mut buf = [0u8; 256];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+            *response.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+            let headers = response.headers_mut();
+            headers.insert(
+                "upgrade",
+                hyper::header::HeaderValue::from_static("websocket"),
+            );
+            headers.insert(
+                "connection",
+                hyper::header::HeaderValue::from_static("upgrade"),
+            );
+            headers.insert(
+                "sec-websocket-accept",
+                hyper::header::HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            );
+            response
+        })
+    })
+}
+
+async fn tls_through(
+    proxy: std::net::SocketAddr,
+    host: &str,
+    ca: &std::path::Path,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tunnel = raw_connect(proxy, &format!("{host}:443")).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in bot_bottle_egress::tls::certs_from_pem(&std::fs::read_to_string(ca).expect("ca"))
+        .expect("ca")
+    {
+        roots.add(cert).expect("root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).expect("name");
+    connector
+        .connect(name, tunnel)
+        .await
+        .expect("TLS through the gateway")
+}
+
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        if stream.read_exact(&mut byte).await.is_err() {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).to_string()
+}
+
+#[tokio::test]
+async fn websockets_are_decided_by_policy_then_spliced() {
+    let pki = TestPki::new();
+    let origin = tls_origin(&pki, &["api.test"], Some(websocket_echo())).await;
+    let (gw, ca) = tls_gateway(
+        policy("rules:\n  - host: api.test\n    paths: [\"/v1/*\"]\n"),
+        &[("api.test", origin)],
+        &pki,
+        vec![],
+    )
+    .await;
+    let proxy = gw.handle.tcp_addr().expect("tcp");
+    let upgrade = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+
+    let mut ws = tls_through(proxy, "api.test", &ca).await;
+    ws.write_all(upgrade("/v1/ws").as_bytes())
+        .await
+        .expect("write");
+    let head = read_head(&mut ws).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    ws.write_all(b"frames go both ways").await.expect("write");
+    let mut echoed = [0u8; 19];
+    ws.read_exact(&mut echoed).await.expect("echo");
+    assert_eq!(&echoed, b"frames go both ways");
+    drop(ws);
+
+    let mut denied = tls_through(proxy, "api.test", &ca).await;
+    denied
+        .write_all(upgrade("/admin/ws").as_bytes())
+        .await
+        .expect("write");
+    let head = read_head(&mut denied).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(
+        head.contains("x-bot-bottle-block: path-not-allowed"),
+        "{head}"
+    );
+
+    let mut event = None;
+    for _ in 0..100 {
+        event = traffic(&gw.audit_path)
+            .into_iter()
+            .find(|e| e["path"] == "/v1/ws");
+        if event.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let event = event.expect("websocket audited when it closes");
+    assert_eq!(event["status"], 101);
+    assert_eq!(event["bytes_up"], 19);
+    assert_eq!(event["bytes_down"], 19);
+    gw.handle.shutdown().await;
 }

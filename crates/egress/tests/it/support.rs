@@ -342,6 +342,17 @@ pub async fn tls_gateway(
     pki: &TestPki,
     credentials: Vec<bot_bottle_egress::ResolvedCredential>,
 ) -> (TestGateway, PathBuf) {
+    tls_gateway_with(policy, overrides, pki, credentials, |_| {}).await
+}
+
+/// [`tls_gateway`] with a last say over the configuration.
+pub async fn tls_gateway_with(
+    policy: EgressPolicy,
+    overrides: &[(&str, SocketAddr)],
+    pki: &TestPki,
+    credentials: Vec<bot_bottle_egress::ResolvedCredential>,
+    tweak: impl FnOnce(&mut GatewayConfig),
+) -> (TestGateway, PathBuf) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().expect("tempdir");
     let audit_path = dir.path().join("state/test/egress.jsonl");
@@ -362,6 +373,7 @@ pub async fn tls_gateway(
     config.native_roots = false;
     config.extra_upstream_roots = pki.roots();
     config.credentials = credentials;
+    tweak(&mut config);
     let handle = bot_bottle_egress::start(config)
         .await
         .expect("gateway starts");
