@@ -5,7 +5,9 @@ use std::path::Path;
 
 use bot_bottle_core::plan::BottlePlan;
 use bot_bottle_core::state::BottleDir;
-use bot_bottle_egress::{GatewayConfig, GatewayHandle, Listen};
+use bot_bottle_egress::{
+    CertificateAuthority, GatewayConfig, GatewayHandle, Listen, ResolvedCredential,
+};
 
 use crate::launch::{GatewaySettings, RuntimeError};
 
@@ -22,15 +24,25 @@ pub async fn start(
     bottle: &BottleDir,
     socket: &Path,
     settings: &GatewaySettings,
+    ca_dir: &Path,
 ) -> Result<SessionGateway, RuntimeError> {
-    if let Some(credential) = plan.credentials.first() {
-        return Err(RuntimeError::Gateway {
-            message: format!(
-                "credential `{}` needs credential custody, which this gateway does not provide yet",
-                credential.name
-            ),
-        });
+    let gateway_error = |message: String| RuntimeError::Gateway { message };
+    // Real values are read here, in the host process, and never leave it except toward
+    // their own hosts; the bottle gets placeholders.
+    let mut credentials = Vec::new();
+    let mut placeholder_env = Vec::new();
+    for spec in &plan.credentials {
+        let resolved = ResolvedCredential::resolve(spec.clone(), bottle.slug())
+            .map_err(|err| gateway_error(error_chain(&err)))?;
+        if let Some(env) = &spec.env {
+            placeholder_env.push((env.clone(), resolved.placeholder().to_owned()));
+        }
+        credentials.push(resolved);
     }
+    placeholder_env.sort();
+    // One CA per bottle, kept across freeze and resume (the bottle trusts its cert).
+    let ca = CertificateAuthority::load_or_create(ca_dir, &format!("bot-bottle {}", bottle.slug()))
+        .map_err(|err| gateway_error(error_chain(&err)))?;
     let mut config = GatewayConfig::new(
         Listen::Unix(socket.to_owned()),
         plan.egress.clone(),
@@ -38,6 +50,18 @@ pub async fn start(
     );
     config.upstream_overrides = settings.upstream_overrides.clone();
     config.loopback_only = settings.loopback_only;
+    config.ca = Some(std::sync::Arc::new(ca));
+    config.credentials = credentials;
+    if let Some(path) = &settings.upstream_ca {
+        let pem = std::fs::read(path).map_err(|source| RuntimeError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|err| gateway_error(format!("`{}`: {err}", path.display())))?;
+            config.extra_upstream_roots.push(cert);
+        }
+    }
     let handle = bot_bottle_egress::start(config)
         .await
         .map_err(|err| RuntimeError::Gateway {
@@ -52,10 +76,11 @@ pub async fn start(
             source,
         }
     })?;
+    let ca_pem = handle.ca_cert_pem().to_owned();
     Ok(SessionGateway {
         handle,
-        placeholder_env: Vec::new(),
-        ca_pem: None,
+        placeholder_env,
+        ca_pem: Some(ca_pem),
     })
 }
 

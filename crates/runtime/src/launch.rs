@@ -399,7 +399,8 @@ async fn run_session(
     .await?;
 
     let socket = bottle.run_dir().join(GATEWAY_SOCKET);
-    let gateway = crate::gateway::start(plan, bottle, &socket, &options.gateway).await?;
+    let ca_dir = options.home.ca_dir().join(bottle.slug());
+    let gateway = crate::gateway::start(plan, bottle, &socket, &options.gateway, &ca_dir).await?;
     let ca_pem = gateway.ca_pem();
     let launch_env = gateway.placeholder_env();
 
@@ -537,7 +538,15 @@ pub async fn destroy(home: &Home, slug: &str, progress: &Progress) -> Result<(),
         progress.step(&format!("removing state of {slug}"));
     }
     bottle.remove()?;
-    Ok(())
+    let ca_dir = home.ca_dir().join(slug);
+    match std::fs::remove_dir_all(&ca_dir) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(RuntimeError::Io {
+            path: ca_dir,
+            source,
+        }),
+    }
 }
 
 /// One row of `bot-bottle ps`.

@@ -176,7 +176,8 @@ fn docker_sealed_network() {
         .agent("escaper", &agent)
         .bottle("plain", COMMAND_BOTTLE);
     let out = project.run(&["start", "escaper", "--headless", "--prompt", "x", "--json"]);
-    let text = stdout(&out);
+    // With --json the agent's output goes to stderr, keeping stdout for the result.
+    let text = stderr(&out);
     for attempt in ["direct-ip", "dns", "udp", "ipv6", "no-proxy-vars"] {
         assert!(
             text.contains(&format!("SEALED {attempt}")),
