@@ -173,3 +173,70 @@ mod tests {
         assert!(parse_memory("-1g").is_err());
     }
 }
+
+#[cfg(test)]
+mod snapshot_tests {
+    use std::path::{Path, PathBuf};
+
+    use bot_bottle_core::manifest::{AgentManifest, BottleManifest, Catalog, Origin};
+    use bot_bottle_core::plan::{BottleSpec, HostFacts, plan};
+
+    use super::*;
+
+    #[test]
+    fn container_config_snapshot() {
+        let mut catalog = Catalog::default();
+        let agent = AgentManifest::parse(
+            Path::new("/p/.bot-bottle/agents/implementer.md"),
+            "---\nprovider: claude\nbottles: dev\n---\nWrite code.\n",
+        )
+        .unwrap();
+        let bottle = BottleManifest::parse(
+            Path::new("/p/.bot-bottle/bottles/dev.md"),
+            "---\negress:\n  rules:\n    - host: api.anthropic.com\nresources: {memory: 2g, cpus: 1.5, pids: 256}\nmounts:\n  - source: /data\n    target: /data\n---\n",
+        )
+        .unwrap();
+        catalog
+            .agents
+            .insert("implementer".into(), (agent, Origin::Project));
+        catalog
+            .bottles
+            .insert("dev".into(), (bottle, Origin::Project));
+        let spec = BottleSpec {
+            agent: "implementer".into(),
+            prompt: Some("Fix the bug".into()),
+            cwd: PathBuf::from("/home/me/project"),
+            ..BottleSpec::default()
+        };
+        let host = HostFacts {
+            agent_uid: 1000,
+            default_backend: "docker".into(),
+            ..HostFacts::default()
+        };
+        let plan = plan(&spec, &catalog, &host).unwrap();
+        let paths = HostPaths {
+            run_dir: PathBuf::from("/home/me/.bot-bottle/state/implementer-abcde/run"),
+            shim_binary: PathBuf::from("/usr/local/bin/bot-bottle"),
+        };
+        let env = vec![(
+            "ANTHROPIC_API_KEY".to_owned(),
+            "sk-ant-api03-PLACEHOLDER".to_owned(),
+        )];
+        let config = container_config(
+            &plan,
+            "implementer-abcde",
+            "bot-bottle/bottle:0123456789abcdef",
+            &paths,
+            &env,
+        )
+        .unwrap();
+        let mut value = serde_json::to_value(&config).unwrap();
+        // Labels are a HashMap: sort them for a stable snapshot.
+        if let Some(labels) = value.get_mut("Labels") {
+            let sorted: std::collections::BTreeMap<String, serde_json::Value> =
+                serde_json::from_value(labels.clone()).unwrap();
+            *labels = serde_json::to_value(sorted).unwrap();
+        }
+        insta::assert_json_snapshot!("container_config", value);
+    }
+}
