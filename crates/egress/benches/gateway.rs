@@ -1,0 +1,601 @@
+//! Gateway benchmark: small HTTPS GETs (throughput, p50, p99 at concurrency 1 and 32) and
+//! 1 MiB downloads, through four paths to the same loopback origin, in one run:
+//!
+//! - `direct`: HTTPS straight to the origin;
+//! - `squid`: squid as a CONNECT tunnel (no interception);
+//! - `mitmdump`: mitmproxy intercepting TLS;
+//! - `gateway`: this gateway intercepting TLS, with a 20-rule policy and the full gitleaks
+//!   DLP rule set, in its own process (so its peak RSS is its own).
+//!
+//! `cargo bench -p bot-bottle-egress --bench gateway -- [--seconds N] [--big N]`, or
+//! `scripts/bench-gateway.sh`. Everything listens on 127.0.0.1; nothing leaves the host.
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bot_bottle_core::policy::{EgressPolicy, EgressRule};
+use bot_bottle_egress::dlp::DlpRules;
+use bot_bottle_egress::{GatewayConfig, Listen};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const GITLEAKS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../../shared/testdata/gitleaks.toml"
+);
+const SMALL: &[u8] = b"{\"ok\":true,\"id\":\"msg_0123456789\",\"note\":\"small response body\"}";
+const BIG_LEN: usize = 1 << 20;
+
+struct Pki {
+    ca_pem: String,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn pki() -> Pki {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::default();
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "bench origin CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let leaf = rcgen::CertificateParams::new(vec!["origin.test".into(), "127.0.0.1".into()])
+        .expect("params")
+        .signed_by(&key, &issuer)
+        .expect("leaf");
+    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
+    );
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![leaf.der().clone()], key_der)
+    .expect("server config");
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Pki {
+        ca_pem: ca_cert.pem(),
+        server: Arc::new(server),
+    }
+}
+
+async fn origin(server: Arc<rustls::ServerConfig>) -> SocketAddr {
+    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let big = Bytes::from(vec![b'x'; BIG_LEN]);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let big = big.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req: Request<_>| {
+                    let body = if req.uri().path() == "/big" {
+                        big.clone()
+                    } else {
+                        Bytes::from_static(SMALL)
+                    };
+                    async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[derive(Clone)]
+struct Route {
+    proxy: Option<SocketAddr>,
+    /// What the client connects (or CONNECTs) to, and names in SNI and Host.
+    host: String,
+    port: u16,
+    roots: Arc<rustls::ClientConfig>,
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(route: &Route) -> Sender {
+    let target = route
+        .proxy
+        .unwrap_or_else(|| format!("127.0.0.1:{}", route.port).parse().expect("addr"));
+    let mut tcp = tokio::net::TcpStream::connect(target)
+        .await
+        .expect("connect");
+    let _ = tcp.set_nodelay(true);
+    if route.proxy.is_some() {
+        let authority = format!("{}:{}", route.host, route.port);
+        tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+            .await
+            .expect("CONNECT");
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            tcp.read_exact(&mut byte).await.expect("CONNECT response");
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"),
+            "CONNECT refused: {}",
+            String::from_utf8_lossy(&head)
+        );
+    }
+    let name = ServerName::try_from(route.host.clone()).expect("server name");
+    let tls = tokio_rustls::TlsConnector::from(route.roots.clone())
+        .connect(name, tcp)
+        .await
+        .expect("TLS");
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("http handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+async fn get(sender: &mut Sender, route: &Route, path: &str) -> usize {
+    sender.ready().await.expect("ready");
+    let host = if route.port == 443 {
+        route.host.clone()
+    } else {
+        format!("{}:{}", route.host, route.port)
+    };
+    let request = Request::get(path)
+        .header("host", host)
+        .header("user-agent", "bot-bottle-bench")
+        .body(Empty::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), 200, "{path}");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    body.len()
+}
+
+struct SmallResult {
+    requests_per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+async fn small(route: &Route, concurrency: usize, seconds: f64) -> SmallResult {
+    // Warm-up: one request per connection, not measured.
+    let mut senders = Vec::new();
+    for _ in 0..concurrency {
+        let mut sender = connect(route).await;
+        get(&mut sender, route, "/small").await;
+        senders.push(sender);
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for mut sender in senders {
+        let route = route.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                get(&mut sender, &route, "/small").await;
+                latencies.push(t.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("join"));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort();
+    let pick = |q: f64| {
+        let index = ((all.len() as f64 - 1.0) * q).round() as usize;
+        all[index].as_secs_f64() * 1000.0
+    };
+    SmallResult {
+        requests_per_second: all.len() as f64 / elapsed,
+        p50_ms: pick(0.50),
+        p99_ms: pick(0.99),
+    }
+}
+
+async fn big(route: &Route, count: usize) -> f64 {
+    let mut sender = connect(route).await;
+    get(&mut sender, route, "/big").await;
+    let started = Instant::now();
+    let mut bytes = 0;
+    for _ in 0..count {
+        bytes += get(&mut sender, route, "/big").await;
+    }
+    bytes as f64 / (1024.0 * 1024.0) / started.elapsed().as_secs_f64()
+}
+
+fn client_config(pem: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn wait_listening(port: u16, child: &mut Child, what: &str) {
+    for _ in 0..300 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on {port}");
+}
+
+/// Peak resident set of a process, from `/proc/PID/status` (`VmHWM`), in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+struct Proxy {
+    name: &'static str,
+    child: Child,
+    port: u16,
+    /// The CA the client must trust through this proxy.
+    ca_pem: String,
+    /// The host the client CONNECTs to.
+    host: String,
+}
+
+fn start_squid(dir: &Path) -> Option<Proxy> {
+    let squid = which("squid")?;
+    let port = free_port();
+    let work = dir.join("squid");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    // squid drops to its own user when started as root; let it write here.
+    let _ = Command::new("chmod").args(["777", work.to_str()?]).status();
+    let conf = work.join("squid.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "http_port 127.0.0.1:{port}\nacl SSL_ports port 1-65535\nacl CONNECT method CONNECT\nhttp_access allow all\ncache deny all\naccess_log none\ncache_log {log}\npid_filename {pid}\ncoredump_dir {work}\nworkers 1\nshutdown_lifetime 0 seconds\n",
+            log = work.join("cache.log").display(),
+            pid = work.join("squid.pid").display(),
+            work = work.display()
+        ),
+    )
+    .expect("squid.conf");
+    let mut child = Command::new(squid)
+        .args(["-N", "-f"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_listening(port, &mut child, "squid");
+    Some(Proxy {
+        name: "squid",
+        child,
+        port,
+        ca_pem: String::new(),
+        host: "127.0.0.1".into(),
+    })
+}
+
+fn start_mitmdump(dir: &Path, origin_ca: &Path) -> Option<Proxy> {
+    let mitmdump = which("mitmdump")?;
+    let port = free_port();
+    let confdir = dir.join("mitmproxy");
+    std::fs::create_dir_all(&confdir).expect("mkdir");
+    let mut child = Command::new(mitmdump)
+        .args(["-q", "--listen-host", "127.0.0.1", "--listen-port", &port.to_string()])
+        .arg("--set")
+        .arg(format!("confdir={}", confdir.display()))
+        .arg("--set")
+        .arg(format!("ssl_verify_upstream_trusted_ca={}", origin_ca.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_listening(port, &mut child, "mitmdump");
+    let ca_pem = std::fs::read_to_string(confdir.join("mitmproxy-ca-cert.pem")).ok()?;
+    Some(Proxy {
+        name: "mitmdump",
+        child,
+        port,
+        ca_pem,
+        host: "127.0.0.1".into(),
+    })
+}
+
+fn start_gateway(origin: SocketAddr, dir: &Path, origin_ca: &Path) -> Proxy {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut child = Command::new(exe)
+        .args(["serve-gateway", &origin.to_string()])
+        .arg(dir)
+        .arg(origin_ca)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn gateway");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("gateway port");
+    let port: u16 = line.trim().parse().expect("port line");
+    let ca_pem = std::fs::read_to_string(dir.join("gateway-ca/ca.pem")).expect("gateway CA");
+    Proxy {
+        name: "gateway",
+        child,
+        port,
+        ca_pem,
+        host: "origin.test".into(),
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|path| path.is_file())
+}
+
+/// The gateway's own process: 20 rules (the origin's is the last), the full gitleaks
+/// rule set, audit level `blocks`, loopback only.
+fn serve_gateway(origin: &str, dir: &str, origin_ca: &str) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut rules: Vec<EgressRule> = (0..19)
+            .map(|i| EgressRule {
+                methods: vec!["GET".into(), "POST".into()],
+                paths: vec![format!("/api/v{i}/*")],
+                ..EgressRule::host(format!("service{i}.example.com"))
+            })
+            .collect();
+        let origin: SocketAddr = origin.parse().expect("origin addr");
+        rules.push(EgressRule {
+            port: Some(origin.port()),
+            methods: vec!["GET".into()],
+            paths: vec!["/small".into(), "/big".into()],
+            ..EgressRule::host("origin.test")
+        });
+        let policy = EgressPolicy { audit: None, rules };
+        // `BENCH_DLP=builtin|empty` isolates the DLP cost; the default is the full set.
+        let dlp = match (std::env::var("BENCH_DLP").as_deref(), std::fs::read_to_string(GITLEAKS)) {
+            (Ok("empty"), _) => DlpRules::from_gitleaks_toml("").expect("empty rules").0,
+            (Ok("builtin"), _) | (_, Err(_)) => DlpRules::builtin(),
+            (_, Ok(text)) => DlpRules::from_gitleaks_toml(&text).expect("gitleaks rules").0,
+        };
+        let dir = Path::new(dir);
+        let ca = bot_bottle_egress::CertificateAuthority::load_or_create(
+            &dir.join("gateway-ca"),
+            "bench gateway CA",
+        )
+        .expect("CA");
+        let mut config = GatewayConfig::new(
+            Listen::Tcp("127.0.0.1:0".parse().expect("addr")),
+            policy,
+            dir.join("egress.jsonl"),
+        );
+        config.ca = Some(Arc::new(ca));
+        config.dlp_rules = Some(dlp);
+        config.loopback_only = true;
+        config.native_roots = false;
+        config.extra_upstream_roots = rustls_pemfile::certs(
+            &mut std::fs::read_to_string(origin_ca).expect("ca").as_bytes(),
+        )
+        .map(|c| c.expect("pem"))
+        .collect::<Vec<CertificateDer<'static>>>();
+        config
+            .upstream_overrides
+            .insert("origin.test".into(), origin);
+        let handle = bot_bottle_egress::start(config).await.expect("gateway");
+        println!("{}", handle.tcp_addr().expect("tcp").port());
+        let _ = std::io::stdout().flush();
+        // Runs until the parent kills it.
+        std::future::pending::<()>().await;
+    });
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("serve-gateway") {
+        serve_gateway(&args[1], &args[2], &args[3]);
+        return;
+    }
+    let mut seconds = 3.0;
+    let mut big_count = 40;
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        match arg.as_str() {
+            "--seconds" => seconds = iter.next().and_then(|v| v.parse().ok()).unwrap_or(seconds),
+            "--big" => big_count = iter.next().and_then(|v| v.parse().ok()).unwrap_or(big_count),
+            _ => {}
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run(seconds, big_count));
+}
+
+struct Row {
+    name: &'static str,
+    c1: SmallResult,
+    c32: SmallResult,
+    big_mib_s: f64,
+    rss_mib: Option<f64>,
+}
+
+async fn run(seconds: f64, big_count: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = pki();
+    let origin_ca = dir.path().join("origin-ca.pem");
+    std::fs::write(&origin_ca, &pki.ca_pem).expect("write CA");
+    let origin = origin(pki.server.clone()).await;
+    println!(
+        "gateway benchmark: loopback origin {origin}, {seconds} s per small-GET run, {big_count} x 1 MiB"
+    );
+    let gitleaks = if Path::new(GITLEAKS).exists() {
+        "full gitleaks rule set"
+    } else {
+        "built-in DLP rules (gitleaks file not found)"
+    };
+
+    let mut rows = Vec::new();
+    let direct = Route {
+        proxy: None,
+        host: "127.0.0.1".into(),
+        port: origin.port(),
+        roots: client_config(&pki.ca_pem),
+    };
+    rows.push(measure("direct", &direct, seconds, big_count, None).await);
+
+    let mut proxies = Vec::new();
+    match start_squid(dir.path()) {
+        Some(p) => proxies.push(p),
+        None => println!("squid: not installed, skipped"),
+    }
+    match start_mitmdump(dir.path(), &origin_ca) {
+        Some(p) => proxies.push(p),
+        None => println!("mitmdump: not installed, skipped"),
+    }
+    proxies.push(start_gateway(origin, dir.path(), &origin_ca));
+    for mut proxy in proxies {
+        let roots = if proxy.ca_pem.is_empty() {
+            client_config(&pki.ca_pem)
+        } else {
+            client_config(&proxy.ca_pem)
+        };
+        let route = Route {
+            proxy: Some(format!("127.0.0.1:{}", proxy.port).parse().expect("addr")),
+            host: proxy.host.clone(),
+            port: origin.port(),
+            roots,
+        };
+        rows.push(measure(proxy.name, &route, seconds, big_count, Some(proxy.child.id())).await);
+        let _ = proxy.child.kill();
+        let _ = proxy.child.wait();
+    }
+
+    println!();
+    println!(
+        "{:<10} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9}",
+        "path", "c1 req/s", "c1 p50ms", "c1 p99ms", "c32 req/s", "c32 p50", "c32 p99", "1MiB MB/s", "peak RSS"
+    );
+    for row in &rows {
+        println!(
+            "{:<10} {:>10.0} {:>9.3} {:>9.3} {:>10.0} {:>9.3} {:>9.3} {:>10.1} {:>9}",
+            row.name,
+            row.c1.requests_per_second,
+            row.c1.p50_ms,
+            row.c1.p99_ms,
+            row.c32.requests_per_second,
+            row.c32.p50_ms,
+            row.c32.p99_ms,
+            row.big_mib_s,
+            row.rss_mib.map_or("-".to_string(), |r| format!("{r:.1} MiB")),
+        );
+    }
+    let find = |name: &str| rows.iter().find(|r| r.name == name);
+    let (Some(direct), Some(gateway)) = (find("direct"), find("gateway")) else {
+        return;
+    };
+    println!();
+    println!("gateway: 20-rule policy, {gitleaks}, audit level `blocks`");
+    println!(
+        "ratios (target):  gateway/direct small c=1 {:.2}x, c=32 {:.2}x (>= 0.5x);  1 MiB {:.2}x (>= 0.7x)",
+        gateway.c1.requests_per_second / direct.c1.requests_per_second,
+        gateway.c32.requests_per_second / direct.c32.requests_per_second,
+        gateway.big_mib_s / direct.big_mib_s
+    );
+    println!(
+        "added p50 latency at c=1: {:.3} ms (<= 1 ms);  gateway peak RSS {} (<= 20 MB)",
+        gateway.c1.p50_ms - direct.c1.p50_ms,
+        gateway.rss_mib.map_or("-".into(), |r| format!("{r:.1} MiB"))
+    );
+    if let Some(mitm) = find("mitmdump") {
+        println!(
+            "gateway/mitmdump throughput: c=1 {:.1}x, c=32 {:.1}x, 1 MiB {:.1}x (>= 10x)",
+            gateway.c1.requests_per_second / mitm.c1.requests_per_second,
+            gateway.c32.requests_per_second / mitm.c32.requests_per_second,
+            gateway.big_mib_s / mitm.big_mib_s
+        );
+    }
+    if let Some(squid) = find("squid") {
+        println!(
+            "gateway/squid (squid does not intercept): c=1 {:.2}x, c=32 {:.2}x, 1 MiB {:.2}x",
+            gateway.c1.requests_per_second / squid.c1.requests_per_second,
+            gateway.c32.requests_per_second / squid.c32.requests_per_second,
+            gateway.big_mib_s / squid.big_mib_s
+        );
+    }
+}
+
+async fn measure(
+    name: &'static str,
+    route: &Route,
+    seconds: f64,
+    big_count: usize,
+    pid: Option<u32>,
+) -> Row {
+    eprintln!("measuring {name} ...");
+    let c1 = small(route, 1, seconds).await;
+    let c32 = small(route, 32, seconds).await;
+    let big_mib_s = big(route, big_count).await;
+    Row {
+        name,
+        c1,
+        c32,
+        big_mib_s,
+        rss_mib: pid.and_then(peak_rss_mib),
+    }
+}
