@@ -132,9 +132,11 @@ async fn connect(route: &Route) -> Sender {
     let _ = tcp.set_nodelay(true);
     if route.proxy.is_some() {
         let authority = format!("{}:{}", route.host, route.port);
-        tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
-            .await
-            .expect("CONNECT");
+        tcp.write_all(
+            format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("CONNECT");
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
             let mut byte = [0u8; 1];
@@ -335,11 +337,20 @@ fn start_mitmdump(dir: &Path, origin_ca: &Path) -> Option<Proxy> {
     let confdir = dir.join("mitmproxy");
     std::fs::create_dir_all(&confdir).expect("mkdir");
     let mut child = Command::new(mitmdump)
-        .args(["-q", "--listen-host", "127.0.0.1", "--listen-port", &port.to_string()])
+        .args([
+            "-q",
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            &port.to_string(),
+        ])
         .arg("--set")
         .arg(format!("confdir={}", confdir.display()))
         .arg("--set")
-        .arg(format!("ssl_verify_upstream_trusted_ca={}", origin_ca.display()))
+        .arg(format!(
+            "ssl_verify_upstream_trusted_ca={}",
+            origin_ca.display()
+        ))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -367,7 +378,9 @@ fn start_gateway(origin: SocketAddr, dir: &Path, origin_ca: &Path) -> Proxy {
         .expect("spawn gateway");
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("gateway port");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("gateway port");
     let port: u16 = line.trim().parse().expect("port line");
     let ca_pem = std::fs::read_to_string(dir.join("gateway-ca/ca.pem")).expect("gateway CA");
     Proxy {
@@ -408,10 +421,17 @@ fn serve_gateway(origin: &str, dir: &str, origin_ca: &str) {
         });
         let policy = EgressPolicy { audit: None, rules };
         // `BENCH_DLP=builtin|empty` isolates the DLP cost; the default is the full set.
-        let dlp = match (std::env::var("BENCH_DLP").as_deref(), std::fs::read_to_string(GITLEAKS)) {
+        let dlp = match (
+            std::env::var("BENCH_DLP").as_deref(),
+            std::fs::read_to_string(GITLEAKS),
+        ) {
             (Ok("empty"), _) => DlpRules::from_gitleaks_toml("").expect("empty rules").0,
             (Ok("builtin"), _) | (_, Err(_)) => DlpRules::builtin(),
-            (_, Ok(text)) => DlpRules::from_gitleaks_toml(&text).expect("gitleaks rules").0,
+            (_, Ok(text)) => {
+                DlpRules::from_gitleaks_toml(&text)
+                    .expect("gitleaks rules")
+                    .0
+            }
         };
         let dir = Path::new(dir);
         let ca = bot_bottle_egress::CertificateAuthority::load_or_create(
@@ -428,11 +448,10 @@ fn serve_gateway(origin: &str, dir: &str, origin_ca: &str) {
         config.dlp_rules = Some(dlp);
         config.loopback_only = true;
         config.native_roots = false;
-        config.extra_upstream_roots = rustls_pemfile::certs(
-            &mut std::fs::read_to_string(origin_ca).expect("ca").as_bytes(),
-        )
-        .map(|c| c.expect("pem"))
-        .collect::<Vec<CertificateDer<'static>>>();
+        config.extra_upstream_roots =
+            rustls_pemfile::certs(&mut std::fs::read_to_string(origin_ca).expect("ca").as_bytes())
+                .map(|c| c.expect("pem"))
+                .collect::<Vec<CertificateDer<'static>>>();
         config
             .upstream_overrides
             .insert("origin.test".into(), origin);
@@ -456,7 +475,12 @@ fn main() {
     while let Some(arg) = iter.next() {
         match arg.as_str() {
             "--seconds" => seconds = iter.next().and_then(|v| v.parse().ok()).unwrap_or(seconds),
-            "--big" => big_count = iter.next().and_then(|v| v.parse().ok()).unwrap_or(big_count),
+            "--big" => {
+                big_count = iter
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(big_count)
+            }
             _ => {}
         }
     }
@@ -521,7 +545,16 @@ async fn run(seconds: f64, big_count: usize) {
             port: origin.port(),
             roots,
         };
-        rows.push(measure(proxy.name, &route, seconds, big_count, Some(proxy.child.id())).await);
+        rows.push(
+            measure(
+                proxy.name,
+                &route,
+                seconds,
+                big_count,
+                Some(proxy.child.id()),
+            )
+            .await,
+        );
         let _ = proxy.child.kill();
         let _ = proxy.child.wait();
     }
@@ -529,7 +562,15 @@ async fn run(seconds: f64, big_count: usize) {
     println!();
     println!(
         "{:<10} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9}",
-        "path", "c1 req/s", "c1 p50ms", "c1 p99ms", "c32 req/s", "c32 p50", "c32 p99", "1MiB MB/s", "peak RSS"
+        "path",
+        "c1 req/s",
+        "c1 p50ms",
+        "c1 p99ms",
+        "c32 req/s",
+        "c32 p50",
+        "c32 p99",
+        "1MiB MB/s",
+        "peak RSS"
     );
     for row in &rows {
         println!(
@@ -542,7 +583,8 @@ async fn run(seconds: f64, big_count: usize) {
             row.c32.p50_ms,
             row.c32.p99_ms,
             row.big_mib_s,
-            row.rss_mib.map_or("-".to_string(), |r| format!("{r:.1} MiB")),
+            row.rss_mib
+                .map_or("-".to_string(), |r| format!("{r:.1} MiB")),
         );
     }
     let find = |name: &str| rows.iter().find(|r| r.name == name);
@@ -560,7 +602,9 @@ async fn run(seconds: f64, big_count: usize) {
     println!(
         "added p50 latency at c=1: {:.3} ms (<= 1 ms);  gateway peak RSS {} (<= 20 MB)",
         gateway.c1.p50_ms - direct.c1.p50_ms,
-        gateway.rss_mib.map_or("-".into(), |r| format!("{r:.1} MiB"))
+        gateway
+            .rss_mib
+            .map_or("-".into(), |r| format!("{r:.1} MiB"))
     );
     if let Some(mitm) = find("mitmdump") {
         println!(

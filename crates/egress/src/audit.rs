@@ -514,6 +514,33 @@ pub fn read_events<R: BufRead>(
     })
 }
 
+/// Events appended since byte `offset` (0 for the start), and the offset to pass next
+/// time: the polling step behind `bot-bottle audit SLUG --follow`. Only complete lines
+/// are returned, so a line being written is picked up on the next call.
+///
+/// # Errors
+/// A read error or a complete line that is not an event.
+pub fn read_since(path: &Path, offset: u64) -> Result<(Vec<AuditEvent>, u64), AuditError> {
+    let read_err = |source| AuditError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(read_err)?;
+    let len = file.metadata().map_err(read_err)?.len();
+    if len < offset {
+        // The file was replaced or truncated: that is for `verify` to report, so start over.
+        return read_since(path, 0);
+    }
+    file.seek(SeekFrom::Start(offset)).map_err(read_err)?;
+    let mut bytes = Vec::new();
+    file.take(len - offset)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let events = read_events(&bytes[..complete], path).collect::<Result<Vec<_>, _>>()?;
+    Ok((events, offset + complete as u64))
+}
+
 /// Copies the log as JSONL, verifying it on the way so an export never launders a
 /// tampered log.
 ///
@@ -794,6 +821,27 @@ mod tests {
         drop(file);
         let err = AuditLog::open(&path).expect_err("garbage tail");
         assert!(matches!(err, AuditError::Broken { line: 3, .. }), "{err}");
+    }
+
+    #[test]
+    fn read_since_returns_only_new_complete_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("egress.jsonl");
+        write_log(&path, 2);
+        let (events, offset) = read_since(&path, 0).expect("read");
+        assert_eq!(events.len(), 2);
+        let (none, same) = read_since(&path, offset).expect("read");
+        assert!(none.is_empty());
+        assert_eq!(same, offset);
+        write_log(&path, 1);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open");
+        file.write_all(b"{\"seq\":4,\"partial").expect("write");
+        let (new, next) = read_since(&path, offset).expect("read");
+        assert_eq!(new.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3]);
+        assert!(next > offset);
     }
 
     #[test]
