@@ -273,12 +273,22 @@ fn credential(name: &str, host: &str, inject: Inject, value: &str) -> ResolvedCr
 const API_KEY: &str =
     "sk-ant-api03-REALtestKEYvalue0123456789abcdefghijklmnopqrstuvwxyzABCDEF-0123456789AA";
 const GIT_TOKEN: &str = "realgittoken0123456789abcdefghij";
+const BEARER_TOKEN: &str = "sk-proj-REALbearerTOKEN0123456789abcdefghijklmnop";
 
 #[tokio::test]
 async fn injects_credentials_only_toward_their_hosts_and_scrubs_echoes() {
     let pki = TestPki::new();
-    let origin = tls_origin(&pki, &["api.test", "git.test", "other.test"], None).await;
-    let rules = policy("rules:\n  - host: api.test\n  - host: git.test\n  - host: other.test\n");
+    let origin = tls_origin(
+        &pki,
+        &["api.test", "git.test", "other.test", "bearer.test"],
+        None,
+    )
+    .await;
+    let rules = policy(
+        "rules:\n  - host: api.test\n  - host: git.test\n  - host: other.test\n  - host: bearer.test\n",
+    );
+    let openai = credential("openai", "bearer.test", Inject::Bearer, BEARER_TOKEN);
+    let bearer_placeholder = openai.placeholder().to_string();
     let anthropic = credential(
         "anthropic",
         "api.test",
@@ -302,9 +312,10 @@ async fn injects_credentials_only_toward_their_hosts_and_scrubs_echoes() {
             ("api.test", origin),
             ("git.test", origin),
             ("other.test", origin),
+            ("bearer.test", origin),
         ],
         &pki,
-        vec![anthropic, gitea],
+        vec![anthropic, gitea, openai],
     )
     .await;
     let ca = ca.to_str().expect("utf8").to_string();
@@ -384,6 +395,35 @@ async fn injects_credentials_only_toward_their_hosts_and_scrubs_echoes() {
         bare.body
     );
 
+    // Bearer: `Authorization: Bearer <placeholder>` becomes the real token.
+    let bearer = curl(
+        &proxy,
+        &curl_tls(
+            &ca,
+            &[
+                "-H",
+                &format!("Authorization: Bearer {bearer_placeholder}"),
+                "https://bearer.test/v1/chat",
+            ],
+        ),
+    )
+    .await;
+    assert!(
+        bearer.body.contains(&format!(
+            "authorization-sha256={}",
+            sha256(&format!("Bearer {BEARER_TOKEN}"))
+        )),
+        "{}",
+        bearer.body
+    );
+    assert!(
+        bearer
+            .body
+            .contains(&format!("authorization=Bearer {bearer_placeholder} ")),
+        "{}",
+        bearer.body
+    );
+
     // The placeholder on its way to another host is an exfiltration attempt.
     let exfil = curl(
         &proxy,
@@ -429,16 +469,17 @@ async fn injects_credentials_only_toward_their_hosts_and_scrubs_echoes() {
             "allowed-by-rule anthropic",
             "allowed-by-rule gitea",
             "allowed-by-rule anthropic",
+            "allowed-by-rule openai",
             "exfiltration-attempt -",
             "exfiltration-attempt -",
         ]
     );
-    assert_eq!(events[3]["dlp"][0]["rule"], "exfiltration-attempt");
-    assert_eq!(events[3]["dlp"][0]["credential"], "anthropic");
-    assert_eq!(events[3]["dlp"][0]["location"], "header:x-api-key");
+    assert_eq!(events[4]["dlp"][0]["rule"], "exfiltration-attempt");
+    assert_eq!(events[4]["dlp"][0]["credential"], "anthropic");
+    assert_eq!(events[4]["dlp"][0]["location"], "header:x-api-key");
     let audit = std::fs::read_to_string(&gw.audit_path).expect("audit");
     assert!(
-        !audit.contains(API_KEY) && !audit.contains(GIT_TOKEN),
+        !audit.contains(API_KEY) && !audit.contains(GIT_TOKEN) && !audit.contains(BEARER_TOKEN),
         "a real secret reached the audit log"
     );
     assert!(
