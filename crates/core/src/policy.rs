@@ -110,6 +110,9 @@ pub enum Reason {
     GitRepoNotAllowed,
     GitFetchNotAllowed,
     GitPushNotAllowed,
+    /// The path has dot segments, encoded dots or slashes, or backslashes: the origin
+    /// might normalise it to a path the rules never saw, so it is refused outright.
+    AmbiguousPath,
 }
 
 impl Reason {
@@ -125,6 +128,7 @@ impl Reason {
             Reason::GitRepoNotAllowed => "git-repo-not-allowed",
             Reason::GitFetchNotAllowed => "git-fetch-not-allowed",
             Reason::GitPushNotAllowed => "git-push-not-allowed",
+            Reason::AmbiguousPath => "ambiguous-path",
         }
     }
 
@@ -138,6 +142,7 @@ impl Reason {
             Reason::MethodNotAllowed => 2,
             Reason::PathNotAllowed | Reason::GitRepoNotAllowed => 3,
             Reason::GitFetchNotAllowed | Reason::GitPushNotAllowed => 4,
+            Reason::AmbiguousPath => 5,
         }
     }
 }
@@ -251,6 +256,9 @@ impl EgressPolicy {
     /// Decides one HTTP request (absolute-form, or one inside an intercepted tunnel).
     #[must_use]
     pub fn decide(&self, facts: &RequestFacts<'_>) -> Decision {
+        if path_is_ambiguous(facts.path) {
+            return Decision::block(Reason::AmbiguousPath, None);
+        }
         let mut best = Decision::block(Reason::NotInAllowlist, None);
         for (index, rule) in self.rules.iter().enumerate() {
             if rule.passthrough {
@@ -535,6 +543,30 @@ fn valid_repo_path(repo: &str) -> Option<&str> {
     ok.then_some(repo)
 }
 
+/// Whether an origin could read `path` as a different path than the rules see: dot
+/// segments (`/../`, `/./`), percent-encoded `.`, `/` or `\`, a literal backslash, or a
+/// path that does not start with `/`. Such paths are refused rather than normalised,
+/// because origins disagree on normalisation.
+#[must_use]
+pub fn path_is_ambiguous(path: &str) -> bool {
+    if !path.starts_with('/') && path != "*" {
+        return true;
+    }
+    if path.contains('\\') {
+        return true;
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2e")
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains("%00")
+    {
+        return true;
+    }
+    path.split('/')
+        .any(|segment| segment == "." || segment == "..")
+}
+
 /// `pattern` is `name` or `*.suffix`; comparison ignores ASCII case and a trailing dot.
 #[must_use]
 pub fn host_matches(pattern: &str, host: &str) -> bool {
@@ -715,6 +747,29 @@ rules:
         assert!(!host_matches("*.example.com", ".example.com"));
         assert!(!host_matches("example.com", "a.example.com"));
         assert!(host_matches("example.com", "example.com."));
+    }
+
+    #[test]
+    fn ambiguous_paths_are_refused_before_any_rule() {
+        let policy = example_policy();
+        for path in [
+            "/v1/messages/../admin",
+            "/v1/messages/./x",
+            "/v1/%2e%2e/admin",
+            "/v1/%2E%2e/admin",
+            "/v1/messages%2f..%2fadmin",
+            "/v1/messages\\..\\admin",
+            "/v1/..",
+            "v1/messages",
+        ] {
+            assert_eq!(
+                policy.decide(&facts("api.anthropic.com", "POST", path, None)),
+                Decision::block(Reason::AmbiguousPath, None),
+                "{path}"
+            );
+        }
+        assert!(!path_is_ambiguous("/v1/messages/...hidden/x.y"));
+        assert!(!path_is_ambiguous("/v1/mess%61ges"));
     }
 
     #[test]

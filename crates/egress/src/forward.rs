@@ -357,6 +357,19 @@ pub(crate) async fn process(
         return Response::from_parts(parts, full_body(Bytes::new()));
     }
 
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        // Only websocket upgrades are forwarded; any other switch would leave the client
+        // speaking a protocol the gateway is not inspecting.
+        draft.decision = AuditDecision::Block;
+        draft.reason = "unexpected-upgrade".into();
+        draft.status = Some(502);
+        shared.record(draft);
+        return error_response(
+            StatusCode::BAD_GATEWAY,
+            "unexpected-upgrade",
+            "the upstream switched protocols without a websocket request",
+        );
+    }
     strip_hop_by_hop(&mut parts.headers);
     let mut response_body: ProxyBody = body.map_err(crate::gateway::BoxError::from).boxed_unsync();
     if !injected.is_empty() {

@@ -112,6 +112,18 @@ async fn intercepts_https_over_http1_and_http2_under_the_l7_policy() {
         Some("domain-fronting")
     );
 
+    // `/v1/../v2/secret` would pass the `/v1/*` glob and reach `/v2/secret` at the origin.
+    let dotted = curl(
+        &proxy,
+        &curl_tls(&ca, &["--path-as-is", "https://api.test/v1/../v2/secret"]),
+    )
+    .await;
+    assert_eq!(dotted.status, 403);
+    assert_eq!(
+        dotted.header("x-bot-bottle-block").as_deref(),
+        Some("ambiguous-path")
+    );
+
     let events = traffic(&gw.audit_path);
     let summary: Vec<String> = events
         .iter()
@@ -134,6 +146,7 @@ async fn intercepts_https_over_http1_and_http2_under_the_l7_policy() {
             "block method-not-allowed DELETE /v1/x",
             "block not-in-allowlist CONNECT ",
             "block domain-fronting GET /v1/x",
+            "block ambiguous-path GET /v1/../v2/secret",
         ]
     );
     gw.handle.shutdown().await;
