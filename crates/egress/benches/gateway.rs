@@ -403,7 +403,16 @@ fn which(name: &str) -> Option<PathBuf> {
 /// The gateway's own process: 20 rules (the origin's is the last), the full gitleaks
 /// rule set, audit level `blocks`, loopback only.
 fn serve_gateway(origin: &str, dir: &str, origin_ca: &str) {
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    // `BENCH_RT=current` runs the gateway on one thread, to see what cross-thread
+    // wake-ups cost at c=1.
+    let runtime = if std::env::var("BENCH_RT").as_deref() == Ok("current") {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    } else {
+        tokio::runtime::Runtime::new().expect("runtime")
+    };
     runtime.block_on(async {
         let mut rules: Vec<EgressRule> = (0..19)
             .map(|i| EgressRule {
@@ -469,6 +478,10 @@ fn main() {
         serve_gateway(&args[1], &args[2], &args[3]);
         return;
     }
+    if args.first().map(String::as_str) == Some("serve-origin") {
+        serve_origin(Path::new(&args[1]));
+        return;
+    }
     let mut seconds = 3.0;
     let mut big_count = 40;
     let mut iter = args.iter();
@@ -499,14 +512,49 @@ struct Row {
     rss_mib: Option<f64>,
 }
 
+/// The origin's own process, so that "direct" crosses a process boundary as a real
+/// origin does (an in-process origin would flatter the baseline).
+fn serve_origin(dir: &Path) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let pki = pki();
+        std::fs::write(dir.join("origin-ca.pem"), &pki.ca_pem).expect("write CA");
+        let addr = origin(pki.server.clone()).await;
+        println!("{}", addr.port());
+        let _ = std::io::stdout().flush();
+        std::future::pending::<()>().await;
+    });
+}
+
+fn start_origin(dir: &Path) -> (Child, SocketAddr, String) {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut child = Command::new(exe)
+        .arg("serve-origin")
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn origin");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("origin port");
+    let port: u16 = line.trim().parse().expect("port line");
+    let ca_pem = std::fs::read_to_string(dir.join("origin-ca.pem")).expect("origin CA");
+    (
+        child,
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        ca_pem,
+    )
+}
+
 async fn run(seconds: f64, big_count: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let pki = pki();
+    let (mut origin_child, origin, origin_ca_pem) = start_origin(dir.path());
     let origin_ca = dir.path().join("origin-ca.pem");
-    std::fs::write(&origin_ca, &pki.ca_pem).expect("write CA");
-    let origin = origin(pki.server.clone()).await;
     println!(
-        "gateway benchmark: loopback origin {origin}, {seconds} s per small-GET run, {big_count} x 1 MiB"
+        "gateway benchmark: loopback origin {origin} (own process), {seconds} s per small-GET run, {big_count} x 1 MiB"
     );
     let gitleaks = if Path::new(GITLEAKS).exists() {
         "full gitleaks rule set"
@@ -519,7 +567,7 @@ async fn run(seconds: f64, big_count: usize) {
         proxy: None,
         host: "127.0.0.1".into(),
         port: origin.port(),
-        roots: client_config(&pki.ca_pem),
+        roots: client_config(&origin_ca_pem),
     };
     rows.push(measure("direct", &direct, seconds, big_count, None).await);
 
@@ -535,7 +583,7 @@ async fn run(seconds: f64, big_count: usize) {
     proxies.push(start_gateway(origin, dir.path(), &origin_ca));
     for mut proxy in proxies {
         let roots = if proxy.ca_pem.is_empty() {
-            client_config(&pki.ca_pem)
+            client_config(&origin_ca_pem)
         } else {
             client_config(&proxy.ca_pem)
         };
@@ -558,6 +606,8 @@ async fn run(seconds: f64, big_count: usize) {
         let _ = proxy.child.kill();
         let _ = proxy.child.wait();
     }
+    let _ = origin_child.kill();
+    let _ = origin_child.wait();
 
     println!();
     println!(
