@@ -108,39 +108,54 @@ impl TunnelUpstream {
         mut request: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, String> {
         let mut slot = self.slot.lock().await;
-        if slot.as_ref().is_none_or(Sender::is_closed) {
-            *slot = Some(self.reconnect().await?);
-        }
-        match slot.as_mut() {
-            Some(Sender::H2(sender)) => {
-                let mut sender = sender.clone();
-                drop(slot);
-                // HTTP/2 carries the authority in the URI; a Host header would be a second,
-                // possibly different, copy.
-                request.headers_mut().remove(header::HOST);
-                *request.version_mut() = Version::HTTP_2;
-                sender
-                    .send_request(request)
-                    .await
-                    .map_err(|e| e.to_string())
+        // An upstream may close an idle keep-alive connection at any moment; a request
+        // that hyper hands back unsent is retried once on a fresh connection.
+        for attempt in 0..2 {
+            if slot.as_ref().is_none_or(Sender::is_closed) {
+                *slot = Some(self.reconnect().await?);
             }
-            Some(Sender::H1(sender)) => {
-                sender.ready().await.map_err(|e| e.to_string())?;
-                let origin_form = request
-                    .uri()
-                    .path_and_query()
-                    .map_or("/", |pq| pq.as_str())
-                    .parse()
-                    .unwrap_or_else(|_| hyper::Uri::from_static("/"));
-                *request.uri_mut() = origin_form;
-                // Held until the response head arrives: HTTP/1.1 is one exchange at a time.
-                sender
-                    .send_request(request)
-                    .await
-                    .map_err(|e| e.to_string())
+            match slot.as_mut() {
+                Some(Sender::H2(sender)) => {
+                    let mut sender = sender.clone();
+                    drop(slot);
+                    // HTTP/2 carries the authority in the URI; a Host header would be a
+                    // second, possibly different, copy.
+                    request.headers_mut().remove(header::HOST);
+                    *request.version_mut() = Version::HTTP_2;
+                    return sender
+                        .send_request(request)
+                        .await
+                        .map_err(|e| e.to_string());
+                }
+                Some(Sender::H1(sender)) => {
+                    if sender.ready().await.is_err() {
+                        *slot = None;
+                        continue;
+                    }
+                    let origin_form = request
+                        .uri()
+                        .path_and_query()
+                        .map_or("/", |pq| pq.as_str())
+                        .parse()
+                        .unwrap_or_else(|_| hyper::Uri::from_static("/"));
+                    *request.uri_mut() = origin_form;
+                    // Held until the response head arrives: HTTP/1.1 is one exchange at a
+                    // time.
+                    match sender.try_send_request(request).await {
+                        Ok(response) => return Ok(response),
+                        Err(mut err) => match err.take_message() {
+                            Some(unsent) if attempt == 0 => {
+                                request = unsent;
+                                *slot = None;
+                            }
+                            _ => return Err(err.into_error().to_string()),
+                        },
+                    }
+                }
+                None => return Err("no upstream connection".into()),
             }
-            None => Err("no upstream connection".into()),
         }
+        Err("the upstream closed the connection twice".into())
     }
 
     async fn reconnect(&self) -> Result<Sender, String> {

@@ -799,3 +799,56 @@ async fn websockets_are_decided_by_policy_then_spliced() {
     assert_eq!(event["bytes_down"], 19);
     gw.handle.shutdown().await;
 }
+
+/// An origin that closes the connection after every response.
+fn closing_origin() -> crate::support::Handler {
+    std::sync::Arc::new(|req: hyper::Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+                format!("served {}", req.uri().path()),
+            )));
+            response.headers_mut().insert(
+                "connection",
+                hyper::header::HeaderValue::from_static("close"),
+            );
+            response
+        })
+    })
+}
+
+#[tokio::test]
+async fn a_tunnel_outlives_upstream_connections_that_close() {
+    let pki = TestPki::new();
+    let origin = tls_origin(&pki, &["api.test"], Some(closing_origin())).await;
+    let (gw, ca) = tls_gateway(
+        policy("rules:\n  - host: api.test\n"),
+        &[("api.test", origin)],
+        &pki,
+        vec![],
+    )
+    .await;
+    let ca = ca.to_str().expect("utf8").to_string();
+    // One curl, one tunnel, three requests: the upstream closes after each.
+    let result = curl(
+        &gw.proxy_url(),
+        &curl_tls(
+            &ca,
+            &[
+                "--http1.1",
+                "https://api.test/a",
+                "https://api.test/b",
+                "https://api.test/c",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(result.status, 200, "{}", result.body);
+    assert!(
+        result.body.contains("served /a")
+            && result.body.contains("served /b")
+            && result.body.contains("served /c"),
+        "{}",
+        result.body
+    );
+    gw.handle.shutdown().await;
+}
