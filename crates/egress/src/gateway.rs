@@ -175,6 +175,7 @@ pub(crate) struct Shared {
     pub(crate) over_cap: OverCap,
     connections: Arc<tokio::sync::Semaphore>,
     pub(crate) limits: Limits,
+    audit_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -194,8 +195,24 @@ impl Shared {
         if (always || self.policy().audit_level() == AuditLevel::All)
             && let Err(err) = self.audit.append(draft)
         {
-            tracing::error!(error = %err, "audit write failed");
+            // From now on nothing is allowed out: an unaudited decision is not made.
+            self.audit_failed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::error!(error = %err, "audit write failed; refusing all egress");
         }
+    }
+
+    /// The 503 every request gets once the audit log cannot be written.
+    pub(crate) fn audit_refusal(&self) -> Option<Response<ProxyBody>> {
+        self.audit_failed
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then(|| {
+                error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit-unavailable",
+                    "the gateway cannot write its audit log, so it lets nothing out",
+                )
+            })
     }
 
     pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
@@ -284,13 +301,19 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         over_cap: config.dlp_over_cap,
         connections: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
         limits: config.limits,
+        audit_failed: std::sync::atomic::AtomicBool::new(false),
     });
     let mut started = EventDraft::new(EventKind::Gateway, AuditDecision::Info, "gateway-started");
     started.detail = Some(format!(
         "listening on {local}; {}",
         policy_summary(&shared.policy())
     ));
-    shared.audit.append(started)?;
+    if let Err(err) = shared.audit.append(started) {
+        if let Listen::Unix(path) = &local {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(err.into());
+    }
     let accept = tokio::spawn(accept_loop(listener, shared.clone()));
     Ok(GatewayHandle {
         local,
@@ -691,6 +714,9 @@ pub(crate) fn decide_request(
     target: &Target,
     uri: &http::Uri,
 ) -> Result<Option<usize>, Box<Response<ProxyBody>>> {
+    if let Some(refusal) = shared.audit_refusal() {
+        return Err(Box::new(refusal));
+    }
     let facts = RequestFacts {
         host: &target.host,
         port: target.port,

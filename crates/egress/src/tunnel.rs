@@ -44,6 +44,9 @@ pub(crate) async fn handle_connect(
         .trim_end_matches('.')
         .to_ascii_lowercase();
     let port = authority.port_u16().unwrap_or(443);
+    if let Some(refusal) = shared.audit_refusal() {
+        return refusal;
+    }
     let policy = shared.policy();
     let decision = policy.decide_connect(&host, port);
     if !decision.is_allow() {

@@ -341,3 +341,20 @@ async fn an_invalid_policy_never_starts() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_gateway_that_cannot_write_its_audit_log_does_not_start() {
+    // Writes to /dev/full fail with ENOSPC, even for root.
+    let config = bot_bottle_egress::GatewayConfig::new(
+        Listen::Tcp("127.0.0.1:0".parse().expect("addr")),
+        policy(RULES),
+        "/dev/full",
+    );
+    let err = bot_bottle_egress::start(config)
+        .await
+        .expect_err("no audit, no gateway");
+    assert!(
+        matches!(err, bot_bottle_egress::GatewayError::Audit(_)),
+        "{err}"
+    );
+}
