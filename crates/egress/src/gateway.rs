@@ -391,6 +391,22 @@ impl GatewayHandle {
             .collect()
     }
 
+    /// `(VAR, placeholder)` for each credential whose spec names a bottle env var: what
+    /// the bottle's environment gets instead of the secret.
+    #[must_use]
+    pub fn placeholder_env(&self) -> Vec<(String, String)> {
+        self.shared
+            .credentials
+            .iter()
+            .filter_map(|c| {
+                c.spec
+                    .env
+                    .as_ref()
+                    .map(|var| (var.clone(), c.placeholder().to_string()))
+            })
+            .collect()
+    }
+
     /// The policy in force.
     #[must_use]
     pub fn policy(&self) -> Arc<EgressPolicy> {
@@ -693,6 +709,10 @@ pub(crate) fn host_header_matches(value: &HeaderValue, target: &Target, default_
     let Ok(value) = value.to_str() else {
         return false;
     };
+    // A Host has no userinfo; one with `@` is read differently by different servers.
+    if value.contains('@') {
+        return false;
+    }
     let Ok(authority) = value.parse::<http::uri::Authority>() else {
         return false;
     };
@@ -787,5 +807,59 @@ pub(crate) fn upstream_failure(
         draft.status = Some(502);
         shared.record(draft);
         error_response(StatusCode::BAD_GATEWAY, err.reason(), &err.detail())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(host: &str, port: u16) -> Target {
+        Target {
+            host: host.into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn host_headers_must_name_the_target() {
+        let matches = |value: &str, t: &Target, default: u16| {
+            host_header_matches(&HeaderValue::from_str(value).expect("value"), t, default)
+        };
+        let api = target("api.test", 443);
+        assert!(matches("api.test", &api, 443));
+        assert!(matches("API.test.", &api, 443));
+        assert!(matches("api.test:443", &api, 443));
+        assert!(!matches("api.test:8443", &api, 443));
+        assert!(!matches("api.test", &api, 80));
+        assert!(!matches("other.test", &api, 443));
+        assert!(!matches("api.test.other.test", &api, 443));
+        assert!(!matches("user@api.test", &api, 443));
+        assert!(!matches("", &api, 443));
+        let v6 = target("::1", 8080);
+        assert!(matches("[::1]:8080", &v6, 443));
+        assert!(!matches("[::1]", &v6, 443));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-private"),
+        );
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        headers.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic eA=="),
+        );
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(
+            headers.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            vec!["x-kept"]
+        );
     }
 }
