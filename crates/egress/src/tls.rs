@@ -48,6 +48,9 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
+/// A host name and the ALPN protocols offered to the client.
+type ConfigKey = (String, Vec<Vec<u8>>);
+
 /// A bottle's interception CA. The certificate goes into the bottle; the key stays here.
 pub struct CertificateAuthority {
     cert_pem: String,
@@ -57,6 +60,8 @@ pub struct CertificateAuthority {
     leaf_key: Arc<dyn rustls::sign::SigningKey>,
     leaf_key_pair: KeyPair,
     cache: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+    /// One server config per (host, ALPN offer), so its session cache lets clients resume.
+    configs: Mutex<HashMap<ConfigKey, Arc<rustls::ServerConfig>>>,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -157,6 +162,7 @@ impl CertificateAuthority {
             leaf_key,
             leaf_key_pair,
             cache: Mutex::new(HashMap::new()),
+            configs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -210,6 +216,15 @@ impl CertificateAuthority {
         host: &str,
         alpn: Vec<Vec<u8>>,
     ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let key = (host.to_ascii_lowercase(), alpn.clone());
+        if let Some(config) = self
+            .configs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+        {
+            return Ok(config.clone());
+        }
         let leaf = self.leaf(host)?;
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -218,7 +233,16 @@ impl CertificateAuthority {
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(FixedLeaf(leaf)));
         config.alpn_protocols = alpn;
-        Ok(Arc::new(config))
+        let config = Arc::new(config);
+        let mut configs = self
+            .configs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if configs.len() >= LEAF_CACHE_MAX {
+            configs.clear();
+        }
+        configs.insert(key, config.clone());
+        Ok(config)
     }
 }
 
