@@ -182,6 +182,10 @@ pub(crate) async fn process(
                                 "dlp-body-too-large",
                                 format!("decoded body is over the {cap}-byte scan cap"),
                             ));
+                        } else {
+                            draft.detail = Some(format!(
+                                "decoded body over the {cap}-byte scan cap: only its start was scanned"
+                            ));
                         }
                     }
                     ScanOutcome::Undecodable { reason } => {
@@ -197,14 +201,19 @@ pub(crate) async fn process(
                         "dlp-body-too-large",
                         format!("body is over the {cap}-byte scan cap"),
                     ));
-                } else if let ScanOutcome::Scanned(found)
-                | ScanOutcome::TooLarge {
-                    findings: found, ..
-                } = scanner.scan_body(&prefix, encoding.as_deref(), Some(&target.host))
-                {
-                    note(found, None);
+                } else {
+                    draft.detail = Some(format!(
+                        "body over the {cap}-byte scan cap: only its start was scanned, the rest passed unscanned"
+                    ));
+                    if let ScanOutcome::Scanned(found)
+                    | ScanOutcome::TooLarge {
+                        findings: found, ..
+                    } = scanner.scan_body(&prefix, encoding.as_deref(), Some(&target.host))
+                    {
+                        note(found, None);
+                    }
                 }
-                up.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+                // The meter counts the prefix too, as it is sent.
                 Metered::counting(Prefixed::new(prefix, rest), up.clone()).boxed_unsync()
             }
         }

@@ -97,7 +97,9 @@ pub struct GatewayConfig {
     pub credentials: Vec<ResolvedCredential>,
     /// DLP rules; `None` means the built-in set ([`DlpRules::builtin`]).
     pub dlp_rules: Option<DlpRules>,
-    /// What to do with a request body over the DLP scan cap.
+    /// The most request-body bytes (encoded, and again decoded) buffered and scanned.
+    pub dlp_body_cap: usize,
+    /// What to do with a request body over `dlp_body_cap`.
     pub dlp_over_cap: OverCap,
     /// Roots trusted for upstream TLS besides (or, with `native_roots: false`, instead
     /// of) the system store; tests add their loopback origin's CA here.
@@ -107,7 +109,7 @@ pub struct GatewayConfig {
 }
 
 /// The policy for a request body larger than the DLP scan cap
-/// ([`crate::dlp::DEFAULT_MAX_DECODED`], 8 MiB decoded).
+/// (`GatewayConfig::dlp_body_cap`, by default [`crate::dlp::DEFAULT_MAX_DECODED`], 8 MiB).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum OverCap {
     /// Refuse it (403 `dlp-body-too-large`). Fail closed: the default.
@@ -129,6 +131,7 @@ impl GatewayConfig {
             ca: None,
             credentials: Vec::new(),
             dlp_rules: None,
+            dlp_body_cap: crate::dlp::DEFAULT_MAX_DECODED,
             dlp_over_cap: OverCap::Block,
             extra_upstream_roots: Vec::new(),
             native_roots: true,
@@ -189,8 +192,11 @@ impl Shared {
     /// Writes an event if the audit level asks for it. Blocks and anything that is not
     /// a plain allowed request are always written.
     pub(crate) fn record(&self, draft: EventDraft) {
+        // A detail on an allowed request marks something unusual (an unscanned body
+        // remainder, a websocket, an upstream error): always worth a line.
         let always = draft.decision != AuditDecision::Allow
             || !draft.dlp.is_empty()
+            || draft.detail.is_some()
             || draft.kind != EventKind::Request;
         if (always || self.policy().audit_level() == AuditLevel::All)
             && let Err(err) = self.audit.append(draft)
@@ -279,7 +285,8 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
             .iter()
             .map(ResolvedCredential::placeholder_secret)
             .collect(),
-    );
+    )
+    .with_max_decoded(config.dlp_body_cap);
     let audit = AuditLog::open(&config.audit_path)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let listener = bind(&config.listen).await?;

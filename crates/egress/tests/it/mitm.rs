@@ -852,3 +852,57 @@ async fn a_tunnel_outlives_upstream_connections_that_close() {
     );
     gw.handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn bodies_over_the_scan_cap_follow_the_over_cap_policy() {
+    let pki = TestPki::new();
+    let origin = tls_origin(&pki, &["api.test"], None).await;
+    let big = "a".repeat(4096);
+    for (over_cap, expected) in [
+        (bot_bottle_egress::OverCap::Block, 403),
+        (bot_bottle_egress::OverCap::Pass, 200),
+    ] {
+        let mut rules = policy("rules:\n  - host: api.test\n");
+        rules.audit = Some(bot_bottle_core::policy::AuditLevel::Blocks);
+        let (gw, ca) = crate::support::tls_gateway_with(
+            rules,
+            &[("api.test", origin)],
+            &pki,
+            vec![],
+            |config| {
+                config.dlp_body_cap = 1024;
+                config.dlp_over_cap = over_cap;
+            },
+        )
+        .await;
+        let ca = ca.to_str().expect("utf8").to_string();
+        let result = curl(
+            &gw.proxy_url(),
+            &curl_tls(&ca, &["-d", &big, "https://api.test/upload"]),
+        )
+        .await;
+        assert_eq!(result.status, expected, "{over_cap:?}: {}", result.body);
+        let events = traffic(&gw.audit_path);
+        assert_eq!(events.len(), 1, "{events:?}");
+        if expected == 403 {
+            assert_eq!(
+                result.header("x-bot-bottle-block").as_deref(),
+                Some("dlp-body-too-large")
+            );
+        } else {
+            assert!(
+                result.body.ends_with(&big),
+                "the whole body reached the origin"
+            );
+            // Logged even at level `blocks`: part of the body went out unscanned.
+            assert!(
+                events[0]["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("unscanned")),
+                "{events:?}"
+            );
+            assert_eq!(events[0]["bytes_up"], 4096);
+        }
+        gw.handle.shutdown().await;
+    }
+}
