@@ -627,12 +627,14 @@ async fn dlp_blocks_planted_secrets_including_a_custody_secret_in_gzip_json() {
 #[tokio::test]
 async fn refuses_a_private_upstream_not_named_by_a_dangerous_rule() {
     let pki = TestPki::new();
-    let origin = tls_origin(&pki, &["127.0.0.1", "localhost"], None).await;
+    let origin = tls_origin(&pki, &["127.0.0.1", "localhost", "127.0.0.3"], None).await;
     let rules = policy(&format!(
-        "rules:\n  - host: 127.0.0.1\n    port: {p}\n  - host: localhost\n    port: {p}\n    dangerously_allow_private_upstreams: true\n",
+        "rules:\n  - host: 127.0.0.1\n    port: {p}\n  - host: localhost\n    port: {p}\n    dangerously_allow_private_upstreams: true\n  - host: 127.0.0.3\n    port: {p}\n",
         p = origin.port()
     ));
-    let (gw, ca) = tls_gateway(rules, &[], &pki, vec![]).await;
+    // The override map is the launcher's configuration, so it is not subject to the
+    // private-address refusal (the loopback-only guard still applies).
+    let (gw, ca) = tls_gateway(rules, &[("127.0.0.3", origin)], &pki, vec![]).await;
     let ca = ca.to_str().expect("utf8").to_string();
     let refused = curl(
         &gw.proxy_url(),
@@ -653,6 +655,14 @@ async fn refuses_a_private_upstream_not_named_by_a_dangerous_rule() {
     )
     .await;
     assert_eq!(allowed.status, 200, "{}", allowed.body);
+    // A CONNECT to an IP literal gets a leaf with that IP as its subject name.
+    let by_ip = curl(
+        &gw.proxy_url(),
+        &curl_tls(&ca, &[&format!("https://127.0.0.3:{}/ip", origin.port())]),
+    )
+    .await;
+    assert_eq!(by_ip.status, 200, "{}", by_ip.body);
+    assert!(by_ip.body.contains("GET /ip"), "{}", by_ip.body);
     gw.handle.shutdown().await;
 }
 
