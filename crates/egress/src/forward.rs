@@ -264,6 +264,12 @@ pub(crate) async fn process(
     if !injected.is_empty() {
         let names: Vec<&str> = injected.iter().map(|c| c.spec.name.as_str()).collect();
         draft.credential = Some(names.join(","));
+        // An uncompressed response is one the scrubber can read, so a host that echoes
+        // the real credential cannot slip it back into the bottle inside gzip.
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
     }
 
     strip_hop_by_hop(&mut parts.headers);

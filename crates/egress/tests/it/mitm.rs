@@ -399,6 +399,18 @@ async fn injects_credentials_only_toward_their_hosts_and_scrubs_echoes() {
     );
     assert!(!basic.body.contains(&real_basic[6..]), "{}", basic.body);
 
+    // Responses from a credential's host come back uncompressed, so they can be scrubbed.
+    let compressed = curl(
+        &proxy,
+        &curl_tls(&ca, &["--compressed", "https://api.test/v1/models"]),
+    )
+    .await;
+    assert!(
+        compressed.body.contains("accept-encoding=identity "),
+        "{}",
+        compressed.body
+    );
+
     // Nothing sent at all: the credential is injected in its configured form.
     let bare = curl(&proxy, &curl_tls(&ca, &["https://api.test/v1/models"])).await;
     assert!(
@@ -482,14 +494,15 @@ async fn injects_credentials_only_toward_their_hosts_and_scrubs_echoes() {
             "allowed-by-rule anthropic",
             "allowed-by-rule gitea",
             "allowed-by-rule anthropic",
+            "allowed-by-rule anthropic",
             "allowed-by-rule openai",
             "exfiltration-attempt -",
             "exfiltration-attempt -",
         ]
     );
-    assert_eq!(events[4]["dlp"][0]["rule"], "exfiltration-attempt");
-    assert_eq!(events[4]["dlp"][0]["credential"], "anthropic");
-    assert_eq!(events[4]["dlp"][0]["location"], "header:x-api-key");
+    assert_eq!(events[5]["dlp"][0]["rule"], "exfiltration-attempt");
+    assert_eq!(events[5]["dlp"][0]["credential"], "anthropic");
+    assert_eq!(events[5]["dlp"][0]["location"], "header:x-api-key");
     let audit = std::fs::read_to_string(&gw.audit_path).expect("audit");
     assert!(
         !audit.contains(API_KEY) && !audit.contains(GIT_TOKEN) && !audit.contains(BEARER_TOKEN),

@@ -312,6 +312,7 @@ async fn tls_echo(req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> 
     };
     let authorization = header("authorization");
     let api_key = header("x-api-key");
+    let accept_encoding = header("accept-encoding");
     let body = req
         .into_body()
         .collect()
@@ -322,7 +323,7 @@ async fn tls_echo(req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> 
     // the credential itself (which the gateway would scrub).
     let digest = |s: &str| hex::encode(sha2::Sha256::digest(s.as_bytes()));
     let text = format!(
-        "{version} {method} {path} query={query} authority={authority} authorization={authorization} x-api-key={api_key} authorization-sha256={} x-api-key-sha256={} query-sha256={} body={}",
+        "{version} {method} {path} query={query} authority={authority} authorization={authorization} x-api-key={api_key} authorization-sha256={} x-api-key-sha256={} query-sha256={} accept-encoding={accept_encoding} body={}",
         digest(&authorization),
         digest(&api_key),
         digest(&query),
