@@ -19,6 +19,9 @@ use crate::manifest::ProviderKind;
 
 /// Where the gateway CA certificate is placed inside every bottle.
 pub const BOTTLE_CA_PATH: &str = "/etc/bot-bottle/gateway-ca.pem";
+/// The system trust store inside the bottle (Debian's, and Alpine's): the gateway CA is
+/// appended to it at launch.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The home directory of the agent user inside the bottle.
 pub const AGENT_HOME: &str = "/home/agent";
 /// The workspace inside the bottle.

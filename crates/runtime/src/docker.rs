@@ -316,6 +316,43 @@ impl DockerEngine {
             .map_err(api("copy files into the bottle"))
     }
 
+    /// Reads one regular file out of a (created or stopped) container, or `None` when
+    /// it does not exist.
+    pub async fn read_file(
+        &self,
+        container: &str,
+        path: &str,
+    ) -> Result<Option<Vec<u8>>, DockerError> {
+        let options = bollard::query_parameters::DownloadFromContainerOptions {
+            path: path.to_owned(),
+        };
+        let mut stream = self
+            .docker
+            .download_from_container(container, Some(options));
+        let mut archive = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => archive.extend_from_slice(&bytes),
+                Err(err) if is_not_found(&err) => return Ok(None),
+                Err(err) => return Err(api("copy a file out of the bottle")(err)),
+            }
+        }
+        let io = |source| DockerError::Io {
+            path: PathBuf::from(path),
+            source,
+        };
+        let mut reader = tar::Archive::new(archive.as_slice());
+        for entry in reader.entries().map_err(io)? {
+            let mut entry = entry.map_err(io)?;
+            if entry.header().entry_type().is_file() {
+                let mut contents = Vec::new();
+                std::io::Read::read_to_end(&mut entry, &mut contents).map_err(io)?;
+                return Ok(Some(contents));
+            }
+        }
+        Ok(None)
+    }
+
     /// Runs a headless container to completion: output to this process's stdout and
     /// stderr, returns the exit code.
     pub async fn run_headless(

@@ -9,7 +9,7 @@ use bot_bottle_core::manifest::{Catalog, ManifestError};
 use bot_bottle_core::plan::{
     BottlePlan, BottleSpec, GATEWAY_SOCKET, HostFacts, PlanError, Workspace, plan,
 };
-use bot_bottle_core::provider::{AGENT_HOME, BOTTLE_CA_PATH, WORKSPACE};
+use bot_bottle_core::provider::{AGENT_HOME, BOTTLE_CA_PATH, SYSTEM_CA_BUNDLE, WORKSPACE};
 use bot_bottle_core::slug::{new_identity, slugify, uniquify_label};
 use bot_bottle_core::state::{BottleDir, Home, Metadata, StateError, Status};
 use serde::Serialize;
@@ -255,6 +255,7 @@ fn check_workspace_writable(plan: &BottlePlan) -> Result<(), RuntimeError> {
 fn provision_archive(
     plan: &BottlePlan,
     ca_pem: Option<&str>,
+    system_bundle: Option<&[u8]>,
     copy_workspace: bool,
 ) -> Result<Vec<u8>, RuntimeError> {
     let uid = u64::from(plan.agent_uid);
@@ -291,6 +292,12 @@ fn provision_archive(
             .file(BOTTLE_CA_PATH, pem.as_bytes(), 0, 0o644)
             .map_err(io(BOTTLE_CA_PATH))?;
     }
+    if let Some(bundle) = system_bundle {
+        // Root-owned like the rest of /etc: the agent can use it, never change it.
+        archive
+            .file(SYSTEM_CA_BUNDLE, bundle, 0, 0o644)
+            .map_err(io(SYSTEM_CA_BUNDLE))?;
+    }
     if copy_workspace && let Workspace::Copy { host } = &plan.workspace {
         archive
             .tree(host, WORKSPACE, uid)
@@ -300,6 +307,45 @@ fn provision_archive(
             })?;
     }
     archive.finish().map_err(io("archive"))
+}
+
+/// Every per-tool CA variable the plan does not set already: Node's takes the gateway CA
+/// alone (it adds to Node's own roots), the others replace their tool's roots and so get
+/// the system bundle, which holds the gateway CA too.
+fn ca_trust_env(plan: &BottlePlan) -> Vec<(String, String)> {
+    bot_bottle_egress::CA_ENV_VARS
+        .iter()
+        .filter(|var| !plan.env.contains_key(**var))
+        .map(|var| {
+            let path = if *var == "NODE_EXTRA_CA_CERTS" {
+                BOTTLE_CA_PATH
+            } else {
+                SYSTEM_CA_BUNDLE
+            };
+            ((*var).to_owned(), path.to_owned())
+        })
+        .collect()
+}
+
+/// The image's system trust store with the gateway CA appended (once: a resumed bottle's
+/// store already holds it).
+async fn trust_bundle(
+    engine: &DockerEngine,
+    container: &str,
+    ca_pem: &str,
+) -> Result<Vec<u8>, RuntimeError> {
+    let mut bundle = engine
+        .read_file(container, SYSTEM_CA_BUNDLE)
+        .await?
+        .unwrap_or_default();
+    let already = String::from_utf8_lossy(&bundle).contains(ca_pem.trim());
+    if !already {
+        if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+            bundle.push(b'\n');
+        }
+        bundle.extend_from_slice(ca_pem.as_bytes());
+    }
+    Ok(bundle)
 }
 
 fn now() -> OffsetDateTime {
@@ -402,7 +448,10 @@ async fn run_session(
     let ca_dir = options.home.ca_dir().join(bottle.slug());
     let gateway = crate::gateway::start(plan, bottle, &socket, &options.gateway, &ca_dir).await?;
     let ca_pem = gateway.ca_pem();
-    let launch_env = gateway.placeholder_env();
+    let mut launch_env = gateway.placeholder_env();
+    if ca_pem.is_some() {
+        launch_env.extend(ca_trust_env(plan));
+    }
 
     let paths = HostPaths {
         run_dir: bottle.run_dir(),
@@ -421,7 +470,16 @@ async fn run_session(
     bottle.write_metadata(metadata)?;
 
     let copy_workspace = spec.copy_cwd && plan.image.resume_from.is_none();
-    let archive = provision_archive(plan, ca_pem.as_deref(), copy_workspace)?;
+    let system_bundle = match &ca_pem {
+        Some(pem) => Some(trust_bundle(engine, &container_id, pem).await?),
+        None => None,
+    };
+    let archive = provision_archive(
+        plan,
+        ca_pem.as_deref(),
+        system_bundle.as_deref(),
+        copy_workspace,
+    )?;
     engine.upload(&container_id, archive).await?;
 
     let run = async {

@@ -1,12 +1,9 @@
 //! Docker: real agent CLIs, installed from npm into their bottle images, running
 //! against the scripted model fixtures on loopback.
 
-use bot_bottle_testkit::{FixtureConfig, Script, anthropic};
+use bot_bottle_testkit::{FixtureConfig, FixtureHandle, Script, TlsIdentity, anthropic};
 
 use crate::common::{Project, slug_of, stderr, stdout};
-
-/// A fake key: the fixture checks that this exact value arrives. Not a secret.
-const TEST_KEY: &str = "sk-ant-api03-test-key-not-a-secret";
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -15,33 +12,146 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-#[test]
-fn docker_claude_code_writes_a_file_through_the_gateway() {
+/// A test PKI: a CA the gateway trusts upstream (never the bottle), and leaves for the
+/// loopback origins that pose as real hosts.
+pub struct TestPki {
+    pub ca_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "bot-bottle test origin CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        Self {
+            ca_pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    pub fn identity(&self, names: &[&str]) -> TlsIdentity {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        TlsIdentity::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes()).unwrap()
+    }
+}
+
+/// A scripted Messages API over HTTPS posing as api.anthropic.com (and `paste.example`),
+/// with the gateway told to route both names there and to trust the test CA.
+pub struct TlsModel {
+    pub fixture: FixtureHandle,
+    _ca_file: tempfile::NamedTempFile,
+}
+
+pub fn tls_model(
+    project: &mut Project,
+    script: Script,
+    real_key: &str,
+) -> (TlsModel, tokio::runtime::Runtime) {
     let rt = runtime();
-    let project = Project::new();
+    let pki = TestPki::new();
     let fixture = rt
         .block_on(anthropic::start(
-            FixtureConfig::new(Script::write_then_done(
-                "/workspace/hello.txt",
-                "hello from the bottle\n",
-            ))
-            .with_expected_key(TEST_KEY),
+            FixtureConfig::new(script)
+                .with_expected_key(real_key)
+                .with_tls(pki.identity(&["api.anthropic.com", "paste.example"])),
         ))
         .unwrap();
-    project
-        .agent("implementer", "---\nprovider: claude\nbottles: claude-api\n---\nYou implement things.\n")
-        .bottle(
-            "claude-api",
-            &format!(
-                "---\negress:\n  audit: all\n  rules:\n    - host: api.anthropic.com\n      port: 80\n      methods: [POST]\n      paths: [\"/v1/messages*\"]\nenv:\n  ANTHROPIC_BASE_URL: http://api.anthropic.com\n  ANTHROPIC_API_KEY: {TEST_KEY}\n---\n"
-            ),
-        );
-    let mut project = project;
+    let ca_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca_file.path(), &pki.ca_pem).unwrap();
+    let addr = fixture.addr();
     project.env.push((
         "BOT_BOTTLE_UPSTREAM_OVERRIDES".into(),
-        format!("api.anthropic.com={}", fixture.addr()),
+        format!("api.anthropic.com={addr},paste.example={addr}"),
     ));
-    let mut cmd = project.cmd(&[
+    project.env.push((
+        "BOT_BOTTLE_UPSTREAM_CA".into(),
+        ca_file.path().display().to_string(),
+    ));
+    project
+        .env
+        .push(("BB_TEST_ANTHROPIC_KEY".into(), real_key.into()));
+    (
+        TlsModel {
+            fixture,
+            _ca_file: ca_file,
+        },
+        rt,
+    )
+}
+
+/// The bottle of the custody tests: the Messages API allowed, the key in custody.
+pub const CUSTODY_BOTTLE: &str = r#"---
+egress:
+  audit: all
+  rules:
+    - host: api.anthropic.com
+      methods: [POST]
+      paths: ["/v1/messages*"]
+credentials:
+  - name: anthropic
+    source: {env: BB_TEST_ANTHROPIC_KEY}
+    hosts: [api.anthropic.com]
+    inject: {header: x-api-key}
+    env: ANTHROPIC_API_KEY
+---
+"#;
+
+fn grep_dir(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                hits.push(path);
+            }
+        }
+    }
+    hits
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The real Claude Code CLI, unmodified, talks to https://api.anthropic.com through the
+/// intercepting gateway; the bottle holds a placeholder, the fixture receives the real
+/// key, and the real key is nowhere in the bottle, its frozen image, the state or the log.
+#[test]
+fn docker_claude_code_over_intercepted_tls_with_custody() {
+    // A test value standing in for a real key; the point is where it may and may not go.
+    let real_key = "sk-ant-api03-REALTESTVALUE0123456789abcdefghijklmnopqrstuvwxyzABCDEFG-test";
+    let mut project = Project::new();
+    let (model, _rt) = tls_model(
+        &mut project,
+        Script::write_then_done("/workspace/hello.txt", "hello over tls\n"),
+        real_key,
+    );
+    project
+        .agent(
+            "implementer",
+            "---\nprovider: claude\nbottles: claude-api\n---\nYou implement things.\n",
+        )
+        .bottle("claude-api", CUSTODY_BOTTLE);
+    let out = project.run(&[
         "start",
         "implementer",
         "--headless",
@@ -49,50 +159,42 @@ fn docker_claude_code_writes_a_file_through_the_gateway() {
         "Write hello.txt",
         "--json",
     ]);
-    let out = cmd.output().unwrap();
-    eprintln!("stderr:\n{}", stderr(&out));
     assert_eq!(
         out.status.code(),
         Some(0),
-        "claude failed:\n{}\n{}",
-        stdout(&out),
+        "claude failed:\n{}",
         stderr(&out)
     );
     let slug = slug_of(&out);
     assert_eq!(
         std::fs::read_to_string(project.path().join("hello.txt")).unwrap(),
-        "hello from the bottle\n"
+        "hello over tls\n"
     );
-    let requests = fixture.requests();
+
+    // The fixture only answers requests that carry the real key, and it answered.
+    let requests = model.fixture.requests();
+    assert!(requests.len() >= 2, "{requests:?}");
     assert!(
-        requests.len() >= 2,
-        "expected a tool call and a final turn: {requests:?}"
-    );
-    assert!(
-        requests.iter().all(|r| r.path_only() == "/v1/messages"),
-        "{requests:?}"
+        requests
+            .iter()
+            .all(|r| r.header("x-api-key") == Some(real_key)),
+        "the real key did not arrive"
     );
 
     let events = project.audit_lines(&slug);
-    let allowed: Vec<&serde_json::Value> =
-        events.iter().filter(|e| e["decision"] == "allow").collect();
-    assert!(
-        allowed.len() >= 2,
-        "the model calls were not audited as allowed: {events:?}"
-    );
-    // The only egress is the Messages API. Claude also tries a side call to
-    // api.anthropic.com:443 that the base URL does not move; it is blocked, so it is
-    // not egress, but it must be in the log.
+    let allowed: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["decision"] == "allow" && e["kind"] == "request")
+        .collect();
+    assert!(allowed.len() >= 2, "{events:?}");
     for event in &allowed {
         assert_eq!(
             event["host"], "api.anthropic.com",
             "unexpected egress: {event}"
         );
-        assert_eq!(event["method"], "POST", "unexpected egress: {event}");
-        let path = event["path"].as_str().unwrap_or_default();
-        assert!(
-            path.starts_with("/v1/messages"),
-            "unexpected egress: {event}"
+        assert_eq!(
+            event["credential"], "anthropic",
+            "no injection recorded: {event}"
         );
     }
     for event in events.iter().filter(|e| e["decision"] == "block") {
@@ -101,6 +203,55 @@ fn docker_claude_code_writes_a_file_through_the_gateway() {
             "blocked call to an unexpected host: {event}"
         );
     }
+
+    // Secret absence. Positive control first: the placeholder is in the container's env.
+    let inspect = std::process::Command::new("docker")
+        .args([
+            "inspect",
+            "--format",
+            "{{json .Config.Env}}",
+            &format!("bot-bottle-{slug}"),
+        ])
+        .output()
+        .unwrap();
+    let env = stdout(&inspect);
+    assert!(
+        env.contains("ANTHROPIC_API_KEY=sk-ant-api03-"),
+        "placeholder missing: {env}"
+    );
+    assert!(
+        !env.contains(real_key),
+        "the real key is in the container env"
+    );
+    let hits = grep_dir(project.home.path(), real_key.as_bytes());
+    assert!(hits.is_empty(), "the real key is in state files: {hits:?}");
+
+    let out = project.run(&["freeze", &slug, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let frozen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let image = frozen["image"].as_str().unwrap();
+    let saved = std::process::Command::new("docker")
+        .args(["save", image])
+        .output()
+        .unwrap();
+    assert!(saved.status.success(), "{}", stderr(&saved));
+    assert!(
+        saved.stdout.len() > 1 << 20,
+        "docker save produced too little"
+    );
+    let placeholder = env
+        .split('"')
+        .find_map(|item| item.strip_prefix("ANTHROPIC_API_KEY="))
+        .unwrap()
+        .to_owned();
+    assert!(
+        contains(&saved.stdout, placeholder.as_bytes()),
+        "positive control: the placeholder is in the frozen image's config"
+    );
+    assert!(
+        !contains(&saved.stdout, real_key.as_bytes()),
+        "the real key is in the frozen image"
+    );
 }
 
 fn version_smoke(provider: &str, expect: &str) {
