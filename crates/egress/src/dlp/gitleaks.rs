@@ -8,7 +8,8 @@ use regex::bytes::{Regex, RegexBuilder};
 use serde::Deserialize;
 
 use super::{
-    Action, Allowlist, Condition, DlpError, DlpRules, RegexTarget, Rule, SkippedRule, SplitRegex,
+    Action, Allowlist, Condition, DlpError, DlpRules, LazyRegex, RegexTarget, Rule, SkippedRule,
+    SplitRegex,
 };
 
 /// The compiled-program budget per rule. Some gitleaks rules are large (bounded
@@ -138,14 +139,18 @@ pub(crate) fn load(text: &str) -> Result<(DlpRules, Vec<SkippedRule>), DlpError>
 /// The outer `Err` is a malformed file; the inner one is a regex that does not compile,
 /// which the caller reports as a skipped rule.
 fn compile_rule(raw: RuleToml, id: &str) -> Result<Result<Rule, String>, DlpError> {
-    let regex = match raw.regex.as_deref().map(compile_go_regex) {
-        None => None,
-        Some(Ok(regex)) => Some(regex),
+    let (regex, captures_len) = match raw
+        .regex
+        .as_deref()
+        .map(|pattern| LazyRegex::checked(translate_go_regex(pattern)))
+    {
+        None => (None, 0),
+        Some(Ok((regex, captures_len))) => (Some(regex), captures_len),
         Some(Err(reason)) => return Ok(Err(reason)),
     };
-    if let (Some(group), Some(regex)) = (raw.secret_group, &regex) {
+    if let (Some(group), Some(_)) = (raw.secret_group, &regex) {
         // captures_len counts group 0, the whole match.
-        let groups = regex.captures_len() - 1;
+        let groups = captures_len - 1;
         if group > groups {
             return Err(DlpError::SecretGroupOutOfRange {
                 id: id.to_owned(),
@@ -251,8 +256,12 @@ fn compile_allowlist(raw: AllowlistToml, owner: &str) -> Result<Allowlist, DlpEr
 /// Unicode mode is off because Go's `\w`, `\d`, `\s` and `\b` are ASCII-only; with it on,
 /// a few gitleaks rules also grow past any sane size limit.
 pub(crate) fn compile_go_regex(pattern: &str) -> Result<Regex, String> {
-    let translated = translate_go_regex(pattern);
-    RegexBuilder::new(&translated)
+    build_regex(&translate_go_regex(pattern))
+}
+
+/// Compiles a pattern already translated by [`translate_go_regex`].
+pub(crate) fn build_regex(translated: &str) -> Result<Regex, String> {
+    RegexBuilder::new(translated)
         .unicode(false)
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
@@ -386,7 +395,7 @@ pub(crate) fn split_leading_prefix(pattern: &str) -> Option<SplitRegex> {
     if rest.is_empty() || has_top_level_alternation(rest) {
         return None;
     }
-    let rest = compile_go_regex(&format!("{flags}{rest}")).ok()?;
+    let (rest, _) = LazyRegex::checked(translate_go_regex(&format!("{flags}{rest}"))).ok()?;
     Some(SplitRegex { rest, max_prefix })
 }
 

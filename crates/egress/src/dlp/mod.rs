@@ -136,7 +136,7 @@ pub(crate) struct Allowlist {
 pub(crate) struct Rule {
     pub(crate) id: String,
     pub(crate) description: String,
-    pub(crate) regex: Option<regex::bytes::Regex>,
+    pub(crate) regex: Option<LazyRegex>,
     pub(crate) secret_group: Option<usize>,
     pub(crate) entropy: Option<f64>,
     /// Lowercased.
@@ -155,8 +155,57 @@ pub(crate) struct Rule {
 /// `q..=q + max_prefix`, and `P` matches wherever `REST` does.
 #[derive(Debug, Clone)]
 pub(crate) struct SplitRegex {
-    pub(crate) rest: regex::bytes::Regex,
+    pub(crate) rest: LazyRegex,
     pub(crate) max_prefix: usize,
+}
+
+/// A rule regex that is checked when the rules are loaded but compiled only when a scan
+/// first needs it.
+///
+/// A compiled gitleaks set holds about 13 MiB of automata, while a typical request
+/// triggers a handful of rules through their keywords, so the gateway keeps only the
+/// programs it has used. The loader compiles every pattern once (and drops it) so a
+/// pattern that cannot compile is still reported at load time; compiling is
+/// deterministic, so the later compile succeeds too.
+#[derive(Debug, Clone)]
+pub(crate) struct LazyRegex {
+    /// Already translated from Go's dialect.
+    pattern: String,
+    compiled: std::sync::OnceLock<regex::bytes::Regex>,
+}
+
+impl LazyRegex {
+    /// Compiles `pattern` (already in the `regex` dialect) to check it, then keeps only
+    /// the text; also returns the number of capture groups (group 0 included).
+    pub(crate) fn checked(pattern: String) -> Result<(LazyRegex, usize), String> {
+        let groups = gitleaks::build_regex(&pattern)?.captures_len();
+        Ok((
+            LazyRegex {
+                pattern,
+                compiled: std::sync::OnceLock::new(),
+            },
+            groups,
+        ))
+    }
+
+    pub(crate) fn get(&self) -> &regex::bytes::Regex {
+        self.compiled.get_or_init(|| {
+            gitleaks::build_regex(&self.pattern)
+                .expect("the pattern compiled when the rules were loaded")
+        })
+    }
+
+    /// The translated pattern.
+    #[cfg(test)]
+    pub(crate) fn as_str(&self) -> &str {
+        &self.pattern
+    }
+
+    /// True once a scan has compiled the pattern.
+    #[cfg(test)]
+    pub(crate) fn is_compiled(&self) -> bool {
+        self.compiled.get().is_some()
+    }
 }
 
 /// A compiled rule set plus the action each rule takes.

@@ -350,6 +350,7 @@ impl Scanner {
         let Some(regex) = &rule.regex else {
             return;
         };
+        let regex = regex.get();
         for captures in RuleMatches::new(regex, rule.split.as_ref(), bytes) {
             let Some(whole) = captures.get(0) else {
                 continue;
@@ -446,7 +447,7 @@ impl<'h> Iterator for RuleMatches<'_, 'h> {
             return None;
         }
         let start = match self.split {
-            Some(split) => match split.rest.find_at(self.haystack, self.pos) {
+            Some(split) => match split.rest.get().find_at(self.haystack, self.pos) {
                 Some(rest) => self.pos.max(rest.start().saturating_sub(split.max_prefix)),
                 None => {
                     self.done = true;
@@ -547,6 +548,7 @@ mod tests {
     use base64::engine::general_purpose::{STANDARD, URL_SAFE};
 
     use super::*;
+    use crate::dlp::LazyRegex;
     use crate::dlp::decode::tests::{gzip, gzip_bomb};
     use crate::dlp::gitleaks::tests::gitleaks_file;
 
@@ -815,6 +817,7 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
             };
+            let regex = regex.get();
             let expected = spans(&mut regex.captures_iter(haystack));
             let actual = spans(&mut RuleMatches::new(regex, Some(split), haystack));
             assert_eq!(actual, expected, "rule `{}`", rule.id);
@@ -823,6 +826,34 @@ mod tests {
         assert!(split_rules > 50, "only {split_rules} rules were split");
         // The text must give the split path real matches to agree on, not only misses.
         assert!(matched > 20, "only {matched} matches");
+    }
+
+    #[test]
+    fn only_rules_a_scan_needs_are_compiled() {
+        let scanner = gitleaks_scanner();
+        let compiled = |scanner: &Scanner| {
+            scanner
+                .rules
+                .rules
+                .iter()
+                .filter(|rule| rule.regex.as_ref().is_some_and(LazyRegex::is_compiled))
+                .map(|rule| rule.id.clone())
+                .collect::<Vec<String>>()
+        };
+        assert_eq!(compiled(&scanner), Vec::<String>::new());
+        let body = format!("push with {GITHUB_TOKEN}");
+        assert_eq!(ids(&scanner.scan(body.as_bytes())), vec!["github-pat"]);
+        let after = compiled(&scanner);
+        assert!(after.iter().any(|id| id == "github-pat"), "{after:?}");
+        assert!(
+            !after.iter().any(|id| id == "aws-access-token"),
+            "{after:?}"
+        );
+        assert!(
+            after.len() < 40,
+            "{} rules compiled: {after:?}",
+            after.len()
+        );
     }
 
     #[test]
