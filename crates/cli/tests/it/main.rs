@@ -11,4 +11,5 @@ mod agents;
 
 mod common;
 mod errors;
+mod escape;
 mod lifecycle;
