@@ -179,6 +179,8 @@ pub(crate) struct Shared {
     connections: Arc<tokio::sync::Semaphore>,
     pub(crate) limits: Limits,
     audit_failed: std::sync::atomic::AtomicBool,
+    /// Wakes [`GatewayHandle::failed`] when the gateway can no longer do its job.
+    failure: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -204,6 +206,7 @@ impl Shared {
             // From now on nothing is allowed out: an unaudited decision is not made.
             self.audit_failed
                 .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.failure.notify_waiters();
             tracing::error!(error = %err, "audit write failed; refusing all egress");
         }
     }
@@ -309,6 +312,7 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         connections: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
         limits: config.limits,
         audit_failed: std::sync::atomic::AtomicBool::new(false),
+        failure: tokio::sync::Notify::new(),
     });
     let mut started = EventDraft::new(EventKind::Gateway, AuditDecision::Info, "gateway-started");
     started.detail = Some(format!(
@@ -418,6 +422,28 @@ impl GatewayHandle {
     #[must_use]
     pub fn policy(&self) -> Arc<EgressPolicy> {
         self.shared.policy()
+    }
+
+    /// Resolves, with the reason, once the gateway can no longer do its job: its audit
+    /// log cannot be written (every request is then refused) or it stopped accepting
+    /// without being shut down. Never resolves while it serves. The launching process
+    /// waits on this to stop the bottle (fail closed, and said out loud).
+    pub async fn failed(&self) -> String {
+        loop {
+            let notified = self.shared.failure.notified();
+            if self
+                .shared
+                .audit_failed
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return "the audit log cannot be written".to_owned();
+            }
+            if self.accept.is_finished() && !*self.shutdown.borrow() {
+                return "the gateway stopped accepting connections".to_owned();
+            }
+            // The accept loop has no waker of its own here; look again every second.
+            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+        }
     }
 
     /// Stops accepting, cuts every open connection and tunnel (fail closed: nothing

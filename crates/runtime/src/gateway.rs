@@ -108,9 +108,9 @@ impl SessionGateway {
         self.ca_pem.clone()
     }
 
-    /// Resolves when the gateway has failed; never, while it serves.
+    /// Resolves, with the reason, when the gateway has failed; never while it serves.
     pub async fn failed(&self) -> String {
-        std::future::pending::<String>().await
+        self.handle.failed().await
     }
 
     pub async fn shutdown(self) {

@@ -70,6 +70,10 @@ pub enum RuntimeError {
     WorkspaceNotWritable { path: PathBuf, uid: u32 },
     #[error("launch cancelled")]
     Declined,
+    #[error(
+        "interrupted by {signal}; bottle `{slug}` was stopped, its state and audit log kept\nhint: `bot-bottle resume {slug}` continues it, `bot-bottle destroy {slug}` removes it"
+    )]
+    Interrupted { signal: String, slug: String },
     #[error("cannot access `{path}`")]
     Io {
         path: PathBuf,
@@ -98,6 +102,8 @@ impl RuntimeError {
             Self::Docker(_) | Self::Io { .. } => exit_codes::BACKEND,
             Self::Gateway { .. } => exit_codes::GATEWAY,
             Self::Declined => exit_codes::DECLINED,
+            // The shell convention for "killed by a signal": 128 + SIGTERM.
+            Self::Interrupted { .. } => 143,
         }
     }
 }
@@ -348,6 +354,24 @@ async fn trust_bundle(
     Ok(bundle)
 }
 
+/// Resolves on SIGTERM, SIGHUP or SIGINT. An interactive session's terminal is in raw
+/// mode, so Ctrl-C there reaches the agent as a key, not this process.
+async fn interrupted() -> String {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM".to_owned(),
+        _ = hup.recv() => "SIGHUP".to_owned(),
+        _ = int.recv() => "SIGINT".to_owned(),
+    }
+}
+
 fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
@@ -406,6 +430,10 @@ pub async fn launch(
         Ok(code) => {
             metadata.status = Status::Stopped;
             metadata.exit_code = Some(*code);
+            metadata.sessions += 1;
+        }
+        Err(RuntimeError::Interrupted { .. }) => {
+            metadata.status = Status::Stopped;
             metadata.sessions += 1;
         }
         Err(_) => metadata.status = Status::Failed,
@@ -497,6 +525,13 @@ async fn run_session(
         failure = gateway.failed() => {
             let _ = engine.stop(&container_id).await;
             Err(RuntimeError::Gateway { message: failure })
+        }
+        signal = interrupted() => {
+            // The bottle must not outlive its gateway: stop it, then keep the state and
+            // the audit log so the session can be inspected or resumed.
+            progress.step(&format!("{signal}: stopping bottle {}", bottle.slug()));
+            let _ = engine.stop(&container_id).await;
+            Err(RuntimeError::Interrupted { signal, slug: bottle.slug().to_owned() })
         }
     };
     gateway.shutdown().await;

@@ -213,3 +213,134 @@ fn docker_sealed_network() {
     let verify = project.run(&["audit", "verify", &slug]);
     assert_eq!(verify.status.code(), Some(0), "{}", stderr(&verify));
 }
+
+/// `bot-bottle` itself, without the `timeout` wrapper, so a test can signal it.
+fn direct(project: &Project, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(crate::common::bin());
+    cmd.args(args)
+        .current_dir(project.path())
+        .env("BOT_BOTTLE_HOME", project.home.path())
+        .env("BOT_BOTTLE_LOOPBACK_ONLY", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn container_running(slug: &str) -> bool {
+    let out = std::process::Command::new("docker")
+        .args([
+            "inspect",
+            "--format",
+            "{{.State.Running}}",
+            &format!("bot-bottle-{slug}"),
+        ])
+        .output()
+        .unwrap();
+    stdout(&out).trim() == "true"
+}
+
+/// Probes the gateway every 200 ms and logs each answer's status to the workspace.
+const PROBE_AGENT: &str = r#"---
+provider: command
+command: ["bash", "-c", "for i in $(seq 1 300); do curl -s -m 2 -o /dev/null -w '%{http_code}\n' http://blocked.example/ >> /workspace/probe.log; sleep 0.2; done"]
+bottles: plain
+---
+"#;
+
+#[test]
+fn docker_sigterm_stops_the_bottle_and_keeps_the_audit() {
+    let project = Project::new();
+    project
+        .agent("prober", PROBE_AGENT)
+        .bottle("plain", COMMAND_BOTTLE);
+    let child = direct(
+        &project,
+        &["start", "prober", "--headless", "--prompt", "x"],
+    )
+    .spawn()
+    .unwrap();
+    let probe_log = project.path().join("probe.log");
+    wait_for("the first probe", || {
+        std::fs::read_to_string(&probe_log).is_ok_and(|log| log.contains("403"))
+    });
+    let slug = project.state_dirs().pop().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("interrupted by SIGTERM"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains(&format!("bot-bottle resume {slug}")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!container_running(&slug), "the bottle outlived its gateway");
+    let ps = project.run(&["ps", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+    assert_eq!(rows[0]["status"], "stopped");
+    let verify = project.run(&["audit", "verify", &slug]);
+    assert_eq!(verify.status.code(), Some(0), "{}", stderr(&verify));
+}
+
+/// If the host process dies without any chance to clean up, the bottle keeps running but
+/// nothing gets out: the gateway socket has no listener, and the bottle has no route.
+#[test]
+fn docker_gateway_death_fails_closed() {
+    let project = Project::new();
+    project
+        .agent("prober", PROBE_AGENT)
+        .bottle("plain", COMMAND_BOTTLE);
+    let mut child = direct(
+        &project,
+        &["start", "prober", "--headless", "--prompt", "x"],
+    )
+    .spawn()
+    .unwrap();
+    let probe_log = project.path().join("probe.log");
+    wait_for("the first probe", || {
+        std::fs::read_to_string(&probe_log).is_ok_and(|log| log.contains("403"))
+    });
+    let slug = project.state_dirs().pop().unwrap();
+    child.kill().unwrap();
+    let _ = child.wait();
+    let answered = std::fs::read_to_string(&probe_log).unwrap().lines().count();
+    wait_for("probes after the gateway died", || {
+        std::fs::read_to_string(&probe_log).is_ok_and(|log| log.lines().count() >= answered + 5)
+    });
+    let log = std::fs::read_to_string(&probe_log).unwrap();
+    let after: Vec<&str> = log.lines().skip(answered + 1).collect();
+    assert!(
+        after.iter().all(|status| *status == "000"),
+        "requests got answers after the gateway died: {after:?}"
+    );
+    assert!(
+        container_running(&slug),
+        "expected the orphaned bottle to still run (that is what is being tested)"
+    );
+    let verify = project.run(&["audit", "verify", &slug]);
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "the audit log was damaged: {}",
+        stderr(&verify)
+    );
+    // Project's Drop destroys the orphan.
+}
