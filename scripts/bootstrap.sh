@@ -21,6 +21,7 @@ command -v dockerd >/dev/null 2>&1 || need_pkgs+=(docker.io)
 command -v mmdebstrap >/dev/null 2>&1 || need_pkgs+=(mmdebstrap)
 command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 command -v git >/dev/null 2>&1 || need_pkgs+=(git)
+command -v tmux >/dev/null 2>&1 || need_pkgs+=(tmux)  # the interactive tests drive `start` in a real terminal
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 command -v node >/dev/null 2>&1 || need_pkgs+=(nodejs)

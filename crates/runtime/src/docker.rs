@@ -4,9 +4,11 @@
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
 
 use bollard::Docker;
-use bollard::container::LogOutput;
+use bollard::container::{AttachContainerResults, LogOutput};
 use bollard::errors::Error as BollardError;
 use bollard::models::ContainerCreateBody;
 use bollard::query_parameters::{
@@ -15,7 +17,7 @@ use bollard::query_parameters::{
     RemoveImageOptions, ResizeContainerTTYOptions, StopContainerOptions, UploadToContainerOptions,
     WaitContainerOptions,
 };
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
 
 use crate::container::{LABEL_KIND, LABEL_MANAGED, LABEL_SLUG};
@@ -69,6 +71,18 @@ fn is_not_found(err: &BollardError) -> bool {
             ..
         }
     )
+}
+
+/// How long output still arriving after the container exited is copied.
+const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
+
+/// Aborts a spawned task when dropped, so a pump never outlives its session.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A connected engine.
@@ -360,96 +374,49 @@ impl DockerEngine {
         container: &str,
         stdout_to_stderr: bool,
     ) -> Result<i64, DockerError> {
-        let attach = self
-            .docker
-            .attach_container(
-                container,
-                Some(AttachContainerOptions {
-                    stream: true,
-                    stdout: true,
-                    stderr: true,
-                    logs: true,
-                    ..AttachContainerOptions::default()
-                }),
-            )
-            .await
-            .map_err(api("attach"))?;
-        self.docker
-            .start_container(
-                container,
-                None::<bollard::query_parameters::StartContainerOptions>,
-            )
-            .await
-            .map_err(api("start container"))?;
-        let mut output = attach.output;
-        while let Some(chunk) = output.next().await {
-            match chunk {
-                Ok(LogOutput::StdErr { message }) => {
-                    let _ = std::io::stderr().write_all(&message);
-                }
-                Ok(LogOutput::StdOut { message } | LogOutput::Console { message })
-                    if stdout_to_stderr =>
-                {
-                    let _ = std::io::stderr().write_all(&message);
-                }
-                Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
-                    let mut stdout = std::io::stdout();
-                    let _ = stdout.write_all(&message);
-                    let _ = stdout.flush();
-                }
-                Ok(LogOutput::StdIn { .. }) => {}
-                Err(_) => break,
+        let attach = self.attach_and_start(container, false).await?;
+        self.copy_output_until_exit(container, attach.output, |chunk| match chunk {
+            LogOutput::StdErr { message } => {
+                let _ = std::io::stderr().write_all(&message);
             }
-        }
-        self.wait(container).await
+            LogOutput::StdOut { message } | LogOutput::Console { message } if stdout_to_stderr => {
+                let _ = std::io::stderr().write_all(&message);
+            }
+            LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                let mut stdout = std::io::stdout();
+                let _ = stdout.write_all(&message);
+                let _ = stdout.flush();
+            }
+            LogOutput::StdIn { .. } => {}
+        })
+        .await
     }
 
     /// Runs an interactive container attached to this terminal. Returns the exit code.
     pub async fn run_interactive(&self, container: &str) -> Result<i64, DockerError> {
-        let attach = self
-            .docker
-            .attach_container(
-                container,
-                Some(AttachContainerOptions {
-                    stream: true,
-                    stdin: true,
-                    stdout: true,
-                    stderr: true,
-                    logs: true,
-                    ..AttachContainerOptions::default()
-                }),
-            )
-            .await
-            .map_err(api("attach"))?;
-        self.docker
-            .start_container(
-                container,
-                None::<bollard::query_parameters::StartContainerOptions>,
-            )
-            .await
-            .map_err(api("start container"))?;
-        let raw = crate::terminal::RawMode::enable();
+        let attach = self.attach_and_start(container, true).await?;
+        // Everything below is undone by drops, so the terminal comes back out of raw mode
+        // and the pumps stop on every way out: the agent exiting, an engine error, or the
+        // caller dropping this future when the gateway fails.
+        let _raw = crate::terminal::RawMode::enable();
         self.resize_to_terminal(container).await;
+        let mut stdin =
+            crate::terminal::StdinReader::start().map_err(|source| DockerError::Io {
+                path: PathBuf::from("/dev/stdin"),
+                source,
+            })?;
         let mut input = attach.input;
-        let stdin_pump = tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let mut stdin = tokio::io::stdin();
-            let mut buf = [0u8; 4096];
-            loop {
-                match stdin.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if input.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                        let _ = input.flush().await;
-                    }
+        let _stdin_pump = AbortOnDrop(tokio::spawn(async move {
+            while let Some(bytes) = stdin.next().await {
+                if input.write_all(&bytes).await.is_err() {
+                    break;
                 }
+                let _ = input.flush().await;
             }
-        });
+        }));
         let engine = self.clone();
         let resize_container = container.to_owned();
-        let resizer = tokio::spawn(async move {
+        let _resizer = AbortOnDrop(tokio::spawn(async move {
             let Ok(mut winch) =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
             else {
@@ -458,18 +425,77 @@ impl DockerEngine {
             while winch.recv().await.is_some() {
                 engine.resize_to_terminal(&resize_container).await;
             }
-        });
-        let mut output = attach.output;
-        let mut stdout = tokio::io::stdout();
-        while let Some(Ok(chunk)) = output.next().await {
-            let bytes = chunk.into_bytes();
-            let _ = stdout.write_all(&bytes).await;
-            let _ = stdout.flush().await;
+        }));
+        self.copy_output_until_exit(container, attach.output, |chunk| {
+            let mut stdout = std::io::stdout();
+            let _ = stdout.write_all(&chunk.into_bytes());
+            let _ = stdout.flush();
+        })
+        .await
+    }
+
+    /// Attaches to a created container, then starts it: attaching first is what makes
+    /// the agent's first bytes of output arrive.
+    async fn attach_and_start(
+        &self,
+        container: &str,
+        stdin: bool,
+    ) -> Result<AttachContainerResults, DockerError> {
+        let attach = self
+            .docker
+            .attach_container(
+                container,
+                Some(AttachContainerOptions {
+                    stream: true,
+                    stdin,
+                    stdout: true,
+                    stderr: true,
+                    logs: true,
+                    ..AttachContainerOptions::default()
+                }),
+            )
+            .await
+            .map_err(api("attach"))?;
+        self.docker
+            .start_container(
+                container,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
+            .await
+            .map_err(api("start container"))?;
+        Ok(attach)
+    }
+
+    /// Hands the container's output to `write` until the container exits, and returns
+    /// its exit code. The exit decides, not the end of the stream: an attach stream can
+    /// outlive the container (a detached process holding the TTY open), and must not
+    /// keep the launch waiting.
+    async fn copy_output_until_exit(
+        &self,
+        container: &str,
+        mut output: Pin<Box<dyn Stream<Item = Result<LogOutput, BollardError>> + Send>>,
+        mut write: impl FnMut(LogOutput),
+    ) -> Result<i64, DockerError> {
+        let exited = self.wait(container);
+        tokio::pin!(exited);
+        loop {
+            tokio::select! {
+                chunk = output.next() => match chunk {
+                    Some(Ok(chunk)) => write(chunk),
+                    Some(Err(_)) | None => return exited.await,
+                },
+                code = &mut exited => {
+                    // What the engine still holds arrives right behind the exit.
+                    let drain = async {
+                        while let Some(Ok(chunk)) = output.next().await {
+                            write(chunk);
+                        }
+                    };
+                    let _ = tokio::time::timeout(OUTPUT_DRAIN, drain).await;
+                    return code;
+                }
+            }
         }
-        stdin_pump.abort();
-        resizer.abort();
-        drop(raw);
-        self.wait(container).await
     }
 
     async fn resize_to_terminal(&self, container: &str) {

@@ -12,4 +12,5 @@ mod agents;
 mod common;
 mod errors;
 mod escape;
+mod interactive;
 mod lifecycle;
