@@ -17,17 +17,35 @@
 //! # }
 //! ```
 //!
+//! They read their settings from the environment (`BOT_BOTTLE_HOME`, `BOT_BOTTLE_SHIM`,
+//! the gateway switches). A caller that runs several homes, or must not depend on its
+//! environment, uses a [`Client`] with the same four methods:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), bot_bottle::BottleError> {
+//! use bot_bottle::{Client, StartOptions};
+//!
+//! let client = Client::new("/srv/bot-bottle", "/usr/local/bin/bot-bottle");
+//! let slug = client
+//!     .start_headless("implementer", StartOptions::new("Fix issue #42"))
+//!     .await?;
+//! client.destroy(&slug, None).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! A nonzero agent exit is an error whose [`BottleError::exit_code`] is the agent's own
-//! code; bot-bottle's own failures use the codes in [`exit_codes`].
+//! code (and whose [`BottleError::slug`] names the bottle, which is kept); bot-bottle's
+//! own failures use the codes in [`exit_codes`].
 
 use std::path::PathBuf;
 
 use bot_bottle_core::plan::BottleSpec;
 use bot_bottle_core::state::Home;
-use bot_bottle_runtime::launch::{self, GatewaySettings, LaunchOptions, RuntimeError};
+use bot_bottle_runtime::launch::{self, LaunchOptions, RuntimeError};
 use bot_bottle_runtime::progress::Progress;
 
-pub use bot_bottle_runtime::launch::exit_codes;
+pub use bot_bottle_runtime::launch::{GatewaySettings, exit_codes};
 
 /// A failed bottle operation.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +53,10 @@ pub use bot_bottle_runtime::launch::exit_codes;
 pub struct BottleError {
     message: String,
     exit_code: i32,
+    slug: Option<String>,
+    // Boxed: a runtime error is large, and every `Result` of this API carries the space.
     #[source]
-    source: Option<RuntimeError>,
+    source: Option<Box<RuntimeError>>,
 }
 
 impl BottleError {
@@ -47,10 +67,17 @@ impl BottleError {
         self.exit_code
     }
 
+    /// The bottle the agent ran in, when the agent itself exited nonzero: the bottle is
+    /// kept, so it can be inspected, resumed or destroyed.
+    #[must_use]
+    pub fn slug(&self) -> Option<&str> {
+        self.slug.as_deref()
+    }
+
     /// The underlying runtime error, if the failure was bot-bottle's own.
     #[must_use]
     pub fn runtime_error(&self) -> Option<&RuntimeError> {
-        self.source.as_ref()
+        self.source.as_deref()
     }
 
     fn agent_exit(slug: &str, code: i32, resuming: bool) -> Self {
@@ -62,6 +89,7 @@ impl BottleError {
         Self {
             message,
             exit_code: code,
+            slug: Some(slug.to_owned()),
             source: None,
         }
     }
@@ -72,7 +100,8 @@ impl From<RuntimeError> for BottleError {
         Self {
             message: err.to_string(),
             exit_code: err.exit_code(),
-            source: Some(err),
+            slug: None,
+            source: Some(Box::new(err)),
         }
     }
 }
@@ -92,7 +121,7 @@ pub struct StartOptions {
     /// Where manifests are looked up and the workspace is taken from; defaults to the
     /// current directory.
     pub cwd: Option<PathBuf>,
-    /// No progress lines on stderr.
+    /// No progress lines on stderr (also [`Client::quiet`]).
     pub quiet: bool,
 }
 
@@ -106,12 +135,183 @@ impl StartOptions {
     }
 }
 
-fn home() -> Result<Home, BottleError> {
-    Home::from_env().map_err(|err| RuntimeError::from(err).into())
+/// Where bottles live and what runs inside them, for callers that pass settings
+/// explicitly instead of through the environment. The free functions ([`start_headless`]
+/// and the others) are [`Client::from_env`] followed by the method of the same name.
+#[derive(Debug, Clone)]
+pub struct Client {
+    home: Home,
+    shim: PathBuf,
+    gateway: GatewaySettings,
+    quiet: bool,
 }
 
-/// The options every launch shares: this binary as the shim, gateway settings from
-/// the environment.
+impl Client {
+    /// A client for the bot-bottle home `home` (manifests, CA, keys, per-bottle state)
+    /// that mounts the static `bot-bottle` binary at `shim` into bottles as their PID 1.
+    /// The gateway runs with default settings; see [`Client::with_gateway`].
+    #[must_use]
+    pub fn new(home: impl Into<PathBuf>, shim: impl Into<PathBuf>) -> Self {
+        Self {
+            home: Home::new(home),
+            shim: shim.into(),
+            gateway: GatewaySettings::default(),
+            quiet: false,
+        }
+    }
+
+    /// The settings the `bot-bottle` binary uses: `BOT_BOTTLE_HOME` (default
+    /// `~/.bot-bottle`), the shim from `BOT_BOTTLE_SHIM`, this executable or `PATH`, and
+    /// the gateway switches (`BOT_BOTTLE_UPSTREAM_OVERRIDES`, `BOT_BOTTLE_LOOPBACK_ONLY`,
+    /// `BOT_BOTTLE_UPSTREAM_CA`).
+    ///
+    /// # Errors
+    /// No home directory, no shim binary found, or malformed gateway settings.
+    pub fn from_env() -> Result<Self, BottleError> {
+        Ok(Self {
+            home: Home::from_env().map_err(RuntimeError::from)?,
+            shim: shim_binary()?,
+            gateway: GatewaySettings::from_env()?,
+            quiet: false,
+        })
+    }
+
+    /// Replaces the gateway's test and operator switches (upstream overrides, the
+    /// loopback-only guard, extra upstream roots).
+    #[must_use]
+    pub fn with_gateway(mut self, gateway: GatewaySettings) -> Self {
+        self.gateway = gateway;
+        self
+    }
+
+    /// No progress lines on stderr.
+    #[must_use]
+    pub fn quiet(mut self, quiet: bool) -> Self {
+        self.quiet = quiet;
+        self
+    }
+
+    fn launch_options(&self, quiet: bool) -> LaunchOptions {
+        LaunchOptions {
+            home: self.home.clone(),
+            progress: Progress::new(self.quiet || quiet),
+            shim_binary: self.shim.clone(),
+            gateway: self.gateway.clone(),
+            confirm: None,
+            agent_stdout_to_stderr: false,
+        }
+    }
+
+    /// The backend to use for an existing bottle: `explicit`, else the one in its
+    /// metadata. Checked before anything happens to the bottle. `None` when the bottle
+    /// has no state (the operation reports that itself).
+    fn backend_for(
+        &self,
+        slug: &str,
+        explicit: Option<&str>,
+    ) -> Result<Option<String>, BottleError> {
+        let recorded = self
+            .home
+            .bottle(slug)
+            .and_then(|bottle| bottle.read_metadata())
+            .map_err(RuntimeError::from)?
+            .map(|metadata| metadata.backend);
+        let backend = explicit.map(str::to_owned).or(recorded);
+        if let Some(backend) = &backend {
+            check_backend(backend)?;
+        }
+        Ok(backend)
+    }
+
+    /// See [`start_headless`].
+    ///
+    /// # Errors
+    /// As [`start_headless`].
+    pub async fn start_headless(
+        &self,
+        agent: &str,
+        options: StartOptions,
+    ) -> Result<String, BottleError> {
+        let launch_options = self.launch_options(options.quiet);
+        let label = options.label.clone().unwrap_or_else(|| agent.to_owned());
+        let label = launch::unique_label(&self.home, &label, &launch_options.progress)?;
+        let cwd = match options.cwd {
+            Some(cwd) => cwd,
+            None => std::env::current_dir().map_err(|source| RuntimeError::Io {
+                path: PathBuf::from("."),
+                source,
+            })?,
+        };
+        let spec = BottleSpec {
+            agent: agent.to_owned(),
+            bottles: options.bottles,
+            label: Some(label),
+            color: options.color,
+            prompt: Some(options.prompt),
+            cwd,
+            copy_cwd: options.copy_cwd,
+            backend: options.backend,
+            identity: None,
+            resume_image: None,
+        };
+        let outcome = launch::launch(&spec, &launch_options).await?;
+        if outcome.exit_code != 0 {
+            return Err(BottleError::agent_exit(
+                &outcome.slug,
+                outcome.exit_code,
+                false,
+            ));
+        }
+        Ok(outcome.slug)
+    }
+
+    /// See [`resume_headless`].
+    ///
+    /// # Errors
+    /// As [`resume_headless`].
+    pub async fn resume_headless(
+        &self,
+        slug: &str,
+        prompt: &str,
+        backend: Option<&str>,
+    ) -> Result<(), BottleError> {
+        let backend = self.backend_for(slug, backend)?;
+        let outcome = launch::resume(
+            slug,
+            Some(prompt.to_owned()),
+            backend,
+            &self.launch_options(false),
+        )
+        .await?;
+        if outcome.exit_code != 0 {
+            return Err(BottleError::agent_exit(slug, outcome.exit_code, true));
+        }
+        Ok(())
+    }
+
+    /// See [`freeze`].
+    ///
+    /// # Errors
+    /// As [`freeze`].
+    pub async fn freeze(&self, slug: &str, backend: Option<&str>) -> Result<(), BottleError> {
+        self.backend_for(slug, backend)?;
+        launch::freeze(&self.home, slug, &Progress::new(self.quiet)).await?;
+        Ok(())
+    }
+
+    /// See [`destroy`].
+    ///
+    /// # Errors
+    /// As [`destroy`].
+    pub async fn destroy(&self, slug: &str, backend: Option<&str>) -> Result<(), BottleError> {
+        self.backend_for(slug, backend)?;
+        launch::destroy(&self.home, slug, &Progress::new(self.quiet)).await?;
+        Ok(())
+    }
+}
+
+/// The options every launch of the `bot-bottle` binary shares: this binary as the
+/// shim, gateway settings from the environment.
 pub fn launch_options(home: Home, quiet: bool) -> Result<LaunchOptions, BottleError> {
     Ok(LaunchOptions {
         home,
@@ -147,8 +347,9 @@ pub fn shim_binary() -> Result<PathBuf, BottleError> {
                 .find(|candidate| candidate.is_file())
         })
         .ok_or_else(|| BottleError {
-            message: "cannot find the `bot-bottle` binary to use as the in-bottle shim\nhint: put `bot-bottle` on PATH, or set `BOT_BOTTLE_SHIM` to its path".to_owned(),
+            message: "cannot find the `bot-bottle` binary to use as the in-bottle shim\nhint: put `bot-bottle` on PATH, set `BOT_BOTTLE_SHIM` to its path, or use `Client::new`".to_owned(),
             exit_code: exit_codes::CONFIG,
+            slug: None,
             source: None,
         })
 }
@@ -157,41 +358,11 @@ pub fn shim_binary() -> Result<PathBuf, BottleError> {
 /// Returns the bottle's slug, for [`freeze`], [`resume_headless`] and [`destroy`].
 ///
 /// # Errors
-/// Configuration errors (unknown agent, no default bottle, bad manifest), backend
-/// errors, and a nonzero agent exit (with the agent's code).
+/// Configuration errors (unknown agent, no default bottle, bad manifest, unknown
+/// backend), backend errors, and a nonzero agent exit (with the agent's code; the
+/// bottle is kept).
 pub async fn start_headless(agent: &str, options: StartOptions) -> Result<String, BottleError> {
-    let home = home()?;
-    let launch_options = launch_options(home.clone(), options.quiet)?;
-    let label = options.label.clone().unwrap_or_else(|| agent.to_owned());
-    let label = launch::unique_label(&home, &label, &launch_options.progress)?;
-    let cwd = match options.cwd {
-        Some(cwd) => cwd,
-        None => std::env::current_dir().map_err(|source| RuntimeError::Io {
-            path: PathBuf::from("."),
-            source,
-        })?,
-    };
-    let spec = BottleSpec {
-        agent: agent.to_owned(),
-        bottles: options.bottles,
-        label: Some(label),
-        color: options.color,
-        prompt: Some(options.prompt),
-        cwd,
-        copy_cwd: options.copy_cwd,
-        backend: options.backend,
-        identity: None,
-        resume_image: None,
-    };
-    let outcome = launch::launch(&spec, &launch_options).await?;
-    if outcome.exit_code != 0 {
-        return Err(BottleError::agent_exit(
-            &outcome.slug,
-            outcome.exit_code,
-            false,
-        ));
-    }
-    Ok(outcome.slug)
+    Client::from_env()?.start_headless(agent, options).await
 }
 
 /// Resumes a frozen (or stopped) bottle with a new prompt and runs the agent to
@@ -199,56 +370,45 @@ pub async fn start_headless(agent: &str, options: StartOptions) -> Result<String
 /// given.
 ///
 /// # Errors
-/// No state for `slug`, backend errors, and a nonzero agent exit.
+/// No state for `slug` ([`exit_codes::STATE`]), an unknown backend, backend errors, and
+/// a nonzero agent exit.
 pub async fn resume_headless(
     slug: &str,
     prompt: &str,
     backend: Option<&str>,
 ) -> Result<(), BottleError> {
-    let launch_options = launch_options(home()?, false)?;
-    let outcome = launch::resume(
-        slug,
-        Some(prompt.to_owned()),
-        backend.map(str::to_owned),
-        &launch_options,
-    )
-    .await?;
-    if outcome.exit_code != 0 {
-        return Err(BottleError::agent_exit(slug, outcome.exit_code, true));
-    }
-    Ok(())
+    Client::from_env()?
+        .resume_headless(slug, prompt, backend)
+        .await
 }
 
 /// Freezes a bottle so that [`resume_headless`] continues from its files and the
 /// agent's session. The backend comes from the bottle's metadata unless given.
 ///
 /// # Errors
-/// No state for `slug`, nothing to freeze, or a backend error.
+/// No state for `slug`, nothing to freeze, an unknown backend, or a backend error.
 pub async fn freeze(slug: &str, backend: Option<&str>) -> Result<(), BottleError> {
-    check_backend(backend)?;
-    launch::freeze(&home()?, slug, &Progress::new(false)).await?;
-    Ok(())
+    Client::from_env()?.freeze(slug, backend).await
 }
 
 /// Destroys a bottle: its container, frozen images and state. Idempotent: a slug with
 /// nothing left is not an error.
 ///
 /// # Errors
-/// A backend error.
+/// An unknown backend, or a backend error.
 pub async fn destroy(slug: &str, backend: Option<&str>) -> Result<(), BottleError> {
-    check_backend(backend)?;
-    launch::destroy(&home()?, slug, &Progress::new(false)).await?;
-    Ok(())
+    Client::from_env()?.destroy(slug, backend).await
 }
 
-fn check_backend(backend: Option<&str>) -> Result<(), BottleError> {
-    match backend {
-        None | Some("docker") => Ok(()),
-        Some(other) => Err(
+fn check_backend(backend: &str) -> Result<(), BottleError> {
+    if bot_bottle_core::plan::BACKENDS.contains(&backend) {
+        Ok(())
+    } else {
+        Err(
             RuntimeError::from(bot_bottle_core::plan::PlanError::UnknownBackend {
-                backend: other.to_owned(),
+                backend: backend.to_owned(),
             })
             .into(),
-        ),
+        )
     }
 }

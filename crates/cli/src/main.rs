@@ -503,6 +503,8 @@ async fn resume(args: ResumeArgs) -> Result<i32, Failure> {
             ),
         ));
     }
+    // Before anything happens to the bottle: resuming a stopped one freezes it first.
+    check_backend(args.backend.as_deref())?;
     let home = Home::from_env().map_err(RuntimeError::from)?;
     if !args.headless && !std::io::stdin().is_terminal() {
         return Err(usage(

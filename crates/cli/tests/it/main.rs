@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step is a failed test
 
 mod agents;
+mod api;
 
 mod common;
 mod errors;
