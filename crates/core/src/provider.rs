@@ -34,6 +34,31 @@ pub const CLAUDE_PACKAGE: &str = "@anthropic-ai/claude-code@2.1.328";
 pub const CODEX_PACKAGE: &str = "@openai/codex@0.169.0";
 pub const PI_PACKAGE: &str = "@mariozechner/pi-coding-agent@0.73.1";
 
+/// Codex's configuration in the bottle.
+///
+/// - A custom provider that still points at `https://api.openai.com/v1`: the built-in one
+///   first tries WebSocket upgrades (seven of them) before it falls back to `POST
+///   /v1/responses`, and each would be a line in the audit log. The key comes from
+///   `OPENAI_API_KEY`, which holds a placeholder the gateway swaps on the way out.
+/// - Analytics and plugin listings off: side traffic to other hosts, and retries would
+///   turn one blocked call into six audit lines.
+///
+/// See <https://github.com/openai/codex/blob/main/docs/config.md> (`model_providers`).
+pub const CODEX_CONFIG: &str = r#"model_provider = "bot-bottle-openai"
+
+[model_providers.bot-bottle-openai]
+name = "OpenAI (through the bot-bottle gateway)"
+base_url = "https://api.openai.com/v1"
+env_key = "OPENAI_API_KEY"
+wire_api = "responses"
+
+[analytics]
+enabled = false
+
+[features]
+plugins = false
+"#;
+
 /// How the agent is being started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invocation<'a> {
@@ -221,7 +246,7 @@ impl ProviderKind {
                 // would turn one blocked call into six audit lines.
                 files.push(file(
                     format!("{AGENT_HOME}/.codex/config.toml"),
-                    "[analytics]\nenabled = false\n\n[features]\nplugins = false\n".to_owned(),
+                    CODEX_CONFIG.to_owned(),
                 ));
             }
             Self::Pi => {

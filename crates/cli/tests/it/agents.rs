@@ -1,7 +1,7 @@
 //! Docker: real agent CLIs, installed from npm into their bottle images, running
 //! against the scripted model fixtures on loopback.
 
-use bot_bottle_testkit::{FixtureConfig, FixtureHandle, Script, TlsIdentity, anthropic};
+use bot_bottle_testkit::{FixtureConfig, FixtureHandle, Script, TlsIdentity, anthropic, openai};
 
 use crate::common::{Project, slug_of, stderr, stdout};
 
@@ -56,34 +56,59 @@ pub struct TlsModel {
     _ca_file: tempfile::NamedTempFile,
 }
 
+/// Which hosted API a fixture stands in for.
+#[derive(Clone, Copy)]
+pub enum Api {
+    Anthropic,
+    OpenAi,
+}
+
 pub fn tls_model(
     project: &mut Project,
     script: Script,
     real_key: &str,
 ) -> (TlsModel, tokio::runtime::Runtime) {
+    tls_model_for(project, Api::Anthropic, script, real_key)
+}
+
+/// Starts the fixture for `api` over HTTPS and points the gateway at it: the real host
+/// names route to it, its CA is trusted upstream, and the real key is in the launching
+/// process's environment (`BB_TEST_ANTHROPIC_KEY` / `BB_TEST_OPENAI_KEY`) only.
+pub fn tls_model_for(
+    project: &mut Project,
+    api: Api,
+    script: Script,
+    real_key: &str,
+) -> (TlsModel, tokio::runtime::Runtime) {
     let rt = runtime();
     let pki = TestPki::new();
-    let fixture = rt
-        .block_on(anthropic::start(
-            FixtureConfig::new(script)
-                .with_expected_key(real_key)
-                .with_tls(pki.identity(&["api.anthropic.com", "paste.example"])),
-        ))
-        .unwrap();
+    let (names, key_var): (&[&str], &str) = match api {
+        Api::Anthropic => (
+            &["api.anthropic.com", "paste.example"],
+            "BB_TEST_ANTHROPIC_KEY",
+        ),
+        Api::OpenAi => (&["api.openai.com"], "BB_TEST_OPENAI_KEY"),
+    };
+    let config = FixtureConfig::new(script)
+        .with_expected_key(real_key)
+        .with_tls(pki.identity(names));
+    let fixture = match api {
+        Api::Anthropic => rt.block_on(anthropic::start(config)),
+        Api::OpenAi => rt.block_on(openai::start(config)),
+    }
+    .unwrap();
     let ca_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(ca_file.path(), &pki.ca_pem).unwrap();
     let addr = fixture.addr();
-    project.env.push((
-        "BOT_BOTTLE_UPSTREAM_OVERRIDES".into(),
-        format!("api.anthropic.com={addr},paste.example={addr}"),
-    ));
+    let overrides: Vec<String> = names.iter().map(|name| format!("{name}={addr}")).collect();
+    project
+        .env
+        .push(("BOT_BOTTLE_UPSTREAM_OVERRIDES".into(), overrides.join(",")));
     project.env.push((
         "BOT_BOTTLE_UPSTREAM_CA".into(),
         ca_file.path().display().to_string(),
     ));
-    project
-        .env
-        .push(("BB_TEST_ANTHROPIC_KEY".into(), real_key.into()));
+    project.env.push((key_var.into(), real_key.into()));
     (
         TlsModel {
             fixture,
@@ -252,6 +277,20 @@ fn docker_claude_code_over_intercepted_tls_with_custody() {
         !contains(&saved.stdout, real_key.as_bytes()),
         "the real key is in the frozen image"
     );
+
+    // Resume continues the same conversation (`claude --continue`): the next request
+    // carries the first prompt in its history.
+    let before = model.fixture.requests().len();
+    let out = project.run(&["resume", &slug, "--headless", "--prompt", "Now say done"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let resumed = &model.fixture.requests()[before..];
+    assert!(!resumed.is_empty(), "resume made no model call");
+    let history = serde_json::to_string(&resumed[0].body).unwrap();
+    assert!(
+        history.contains("Write hello.txt"),
+        "resume started a new conversation: {history}"
+    );
+    assert!(history.contains("Now say done"), "{history}");
 }
 
 fn version_smoke(provider: &str, expect: &str) {
@@ -281,4 +320,95 @@ fn docker_codex_starts_and_prints_its_version() {
 #[test]
 fn docker_pi_starts_and_prints_its_version() {
     version_smoke("pi", "0.73.1");
+}
+
+/// The bottle of the pi test: the Messages API with the key in custody (pi uses the same
+/// API and header as claude).
+#[test]
+fn docker_pi_writes_a_file_over_intercepted_tls() {
+    let real_key = "sk-ant-api03-PITESTVALUE0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH-test";
+    let mut project = Project::new();
+    let (model, _rt) = tls_model(
+        &mut project,
+        Script::write_then_done("hello.txt", "hello from pi\n"),
+        real_key,
+    );
+    project
+        .agent(
+            "pi-agent",
+            "---\nprovider: pi\nbottles: claude-api\n---\nYou implement things.\n",
+        )
+        .bottle("claude-api", CUSTODY_BOTTLE);
+    let out = project.run(&[
+        "start",
+        "pi-agent",
+        "--headless",
+        "--prompt",
+        "Write hello.txt",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // pi exits 0 even when it got no answer, so the file is the real check.
+    assert_eq!(
+        std::fs::read_to_string(project.path().join("hello.txt")).unwrap(),
+        "hello from pi\n"
+    );
+    assert!(
+        model
+            .fixture
+            .requests()
+            .iter()
+            .all(|r| r.header("x-api-key") == Some(real_key))
+    );
+}
+
+/// Codex through its custom provider (still https://api.openai.com/v1), bearer key in
+/// custody, the Responses API over intercepted TLS.
+#[test]
+fn docker_codex_writes_a_file_over_intercepted_tls() {
+    let real_key = "sk-proj-CODEXTESTVALUE0123456789abcdefghijklmnopqrstuvwxyzABCDEF-test";
+    let mut project = Project::new();
+    let (model, _rt) = tls_model_for(
+        &mut project,
+        Api::OpenAi,
+        Script::write_then_done("hello.txt", "hello from codex\n"),
+        real_key,
+    );
+    project
+        .agent(
+            "codex-agent",
+            // An unknown model id keeps codex on plain function tools (AGENTS-WIRE.md).
+            "---\nprovider: codex\nmodel: fixture-model\nbottles: openai-api\n---\nYou implement things.\n",
+        )
+        .bottle(
+            "openai-api",
+            "---\negress:\n  audit: all\n  rules:\n    - host: api.openai.com\n      methods: [POST]\n      paths: [\"/v1/responses\"]\ncredentials:\n  - name: openai\n    source: {env: BB_TEST_OPENAI_KEY}\n    hosts: [api.openai.com]\n    inject: bearer\n    env: OPENAI_API_KEY\n---\n",
+        );
+    let out = project.run(&[
+        "start",
+        "codex-agent",
+        "--headless",
+        "--prompt",
+        "Write hello.txt",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(project.path().join("hello.txt")).unwrap(),
+        "hello from codex\n"
+    );
+    let requests = model.fixture.requests();
+    assert!(requests.len() >= 2, "{requests:?}");
+    let bearer = format!("Bearer {real_key}");
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.header("authorization") == Some(bearer.as_str())),
+        "{requests:?}"
+    );
+    let slug = slug_of(&out);
+    let events = project.audit_lines(&slug);
+    assert!(
+        events.iter().all(|e| e["decision"] != "block"),
+        "codex made calls the policy blocked: {events:?}"
+    );
 }

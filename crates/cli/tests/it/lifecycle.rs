@@ -52,6 +52,22 @@ fn docker_start_freeze_resume_destroy() {
         stdout(&out)
     );
 
+    // One hash chain across both sessions: the resumed gateway continued the log.
+    let events = project.audit_lines(&slug);
+    let starts = events
+        .iter()
+        .filter(|e| e["reason"] == "gateway-started")
+        .count();
+    assert_eq!(starts, 2, "{events:?}");
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "sequence not continuous"
+    );
+    let verify = project.run(&["audit", "verify", &slug]);
+    assert_eq!(verify.status.code(), Some(0), "{}", stderr(&verify));
+
     let out = project.run(&["destroy", &slug]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(project.state_dirs().is_empty(), "state dir left behind");
