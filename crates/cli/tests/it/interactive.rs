@@ -386,3 +386,40 @@ fn docker_interactive_attach_input_resize_ctrl_c_and_exit_code() {
     assert_eq!(metadata["status"], "stopped");
     assert_eq!(metadata["exit_code"], 7);
 }
+
+#[test]
+fn interactive_escape_in_a_picker_cancels_with_the_terminal_restored() {
+    let project = picker_project();
+    let terminal = Terminal::start(&project, &["start"]);
+    terminal.wait_text("? Agent:", STEP);
+    terminal.keys(&["Escape"]);
+    assert_eq!(terminal.exit_code(STEP), 75, "{}", terminal.screen());
+    assert!(project.state_dirs().is_empty());
+    assert_cooked(&terminal.settings_after_exit());
+}
+
+#[test]
+fn docker_interactive_resume_continues_the_bottle() {
+    let project = picker_project();
+    let first = Terminal::start(
+        &project,
+        &[
+            "start", "sheller", "--bottle", "plain", "--label", "again", "--color", "red",
+        ],
+    );
+    first.wait_text("Launch this bottle? (y/N)", STEP);
+    first.line("y");
+    first.wait_line("agent-prompt$", LAUNCH);
+    // Outside the workspace: only the bottle's own filesystem keeps it.
+    first.line("echo kept-$((2+3)) > ~/note.txt; exit 0");
+    assert_eq!(first.exit_code(STEP), 0, "{}", first.screen());
+    let slugs = project.state_dirs();
+    assert_eq!(slugs.len(), 1, "{slugs:?}");
+
+    let second = Terminal::start(&project, &["resume", &slugs[0]]);
+    second.wait_line("agent-prompt$", LAUNCH);
+    second.line("cat ~/note.txt; exit 3");
+    second.wait_line("kept-5", STEP);
+    assert_eq!(second.exit_code(STEP), 3, "{}", second.screen());
+    assert_cooked(&second.settings_after_exit());
+}
