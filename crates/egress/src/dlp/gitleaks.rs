@@ -8,8 +8,8 @@ use regex::bytes::{Regex, RegexBuilder};
 use serde::Deserialize;
 
 use super::{
-    Action, Allowlist, Condition, DlpError, DlpRules, LazyRegex, RegexTarget, Rule, SkippedRule,
-    SplitRegex,
+    Action, Allowlist, Condition, DlpError, DlpRules, LazyRegex, LazyRest, RegexTarget, Rule,
+    SkippedRule, SplitRegex,
 };
 
 /// The compiled-program budget per rule. Some gitleaks rules are large (bounded
@@ -395,8 +395,66 @@ pub(crate) fn split_leading_prefix(pattern: &str) -> Option<SplitRegex> {
     if rest.is_empty() || has_top_level_alternation(rest) {
         return None;
     }
-    let (rest, _) = LazyRegex::checked(translate_go_regex(&format!("{flags}{rest}"))).ok()?;
-    Some(SplitRegex { rest, max_prefix })
+    let rest = translate_go_regex(&format!("{flags}{rest}"));
+    let prefixes = literal_prefixes(&rest);
+    let rest = LazyRest::checked(rest).ok()?;
+    Some(SplitRegex {
+        rest,
+        max_prefix,
+        prefixes,
+    })
+}
+
+/// More prefix literals than this and a rule is searched on its own: a long list would
+/// mostly be short, frequent prefixes that cost the keyword pass more than they save.
+const MAX_PREFIX_LITERALS: usize = 64;
+
+/// The lowercased literals one of which begins every match of `pattern` (already
+/// translated), or `None` when there is no such finite set or it has an empty literal
+/// (a match could start anywhere).
+///
+/// `regex-syntax`'s prefix extraction gives literals such that every match starts with
+/// one of them (some are shortened when the set would grow too large, which keeps that
+/// true). Lowercasing only widens the set of places the scanner then checks.
+fn literal_prefixes(pattern: &str) -> Option<Vec<Vec<u8>>> {
+    use regex_syntax::hir::literal::{ExtractKind, Extractor};
+    let hir = regex_syntax::ParserBuilder::new()
+        .unicode(false)
+        .utf8(false)
+        .build()
+        .parse(pattern)
+        .ok()?;
+    let seq = Extractor::new().kind(ExtractKind::Prefix).extract(&hir);
+    let mut literals: Vec<Vec<u8>> = seq
+        .literals()?
+        .iter()
+        .map(|literal| literal.as_bytes().to_ascii_lowercase())
+        .collect();
+    if literals.is_empty() || literals.iter().any(Vec::is_empty) {
+        return None;
+    }
+    literals.sort();
+    literals.dedup();
+    (literals.len() <= MAX_PREFIX_LITERALS).then_some(literals)
+}
+
+/// Compiles the `REST` of a split rule (already translated) with the same syntax as
+/// [`build_regex`].
+pub(crate) fn build_rest(translated: &str) -> Result<regex_automata::meta::Regex, String> {
+    use regex_automata::meta::Regex as MetaRegex;
+    MetaRegex::builder()
+        .syntax(
+            regex_automata::util::syntax::Config::new()
+                .unicode(false)
+                .utf8(false),
+        )
+        .configure(
+            MetaRegex::config()
+                .utf8_empty(false)
+                .nfa_size_limit(Some(REGEX_SIZE_LIMIT)),
+        )
+        .build(translated)
+        .map_err(|error| error.to_string())
 }
 
 fn has_top_level_alternation(pattern: &str) -> bool {

@@ -155,8 +155,44 @@ pub(crate) struct Rule {
 /// `q..=q + max_prefix`, and `P` matches wherever `REST` does.
 #[derive(Debug, Clone)]
 pub(crate) struct SplitRegex {
-    pub(crate) rest: LazyRegex,
+    pub(crate) rest: LazyRest,
     pub(crate) max_prefix: usize,
+    /// Lowercased literals one of which starts every match of `REST` (ASCII
+    /// case-insensitively), when `REST` has such a finite set without an empty literal.
+    /// The scanner then finds candidate starts in its keyword pass and checks `REST`
+    /// anchored there, instead of searching the whole buffer once per rule.
+    pub(crate) prefixes: Option<Vec<Vec<u8>>>,
+}
+
+/// The `REST` of a [`SplitRegex`], compiled on first use like [`LazyRegex`], as a
+/// `regex-automata` regex because the scanner also runs it anchored at a position.
+#[derive(Debug, Clone)]
+pub(crate) struct LazyRest {
+    pattern: String,
+    compiled: std::sync::OnceLock<regex_automata::meta::Regex>,
+}
+
+impl LazyRest {
+    pub(crate) fn checked(pattern: String) -> Result<LazyRest, String> {
+        gitleaks::build_rest(&pattern)?;
+        Ok(LazyRest {
+            pattern,
+            compiled: std::sync::OnceLock::new(),
+        })
+    }
+
+    pub(crate) fn get(&self) -> &regex_automata::meta::Regex {
+        self.compiled.get_or_init(|| {
+            gitleaks::build_rest(&self.pattern)
+                .expect("the pattern compiled when the rules were loaded")
+        })
+    }
+
+    /// The translated pattern.
+    #[cfg(test)]
+    pub(crate) fn as_str(&self) -> &str {
+        &self.pattern
+    }
 }
 
 /// A rule regex that is checked when the rules are loaded but compiled only when a scan
@@ -193,12 +229,6 @@ impl LazyRegex {
             gitleaks::build_regex(&self.pattern)
                 .expect("the pattern compiled when the rules were loaded")
         })
-    }
-
-    /// The translated pattern.
-    #[cfg(test)]
-    pub(crate) fn as_str(&self) -> &str {
-        &self.pattern
     }
 
     /// True once a scan has compiled the pattern.

@@ -1,14 +1,16 @@
 //! The scanner: keyword prefilter, rule regexes, entropy, allowlists, custody secrets.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
+use regex_automata::{Anchored, Input};
 
 use super::custody::{encoded_forms, host_matches};
 use super::decode::{DEFAULT_MAX_DECODED, Decoded, decode};
 use super::{
     Action, Allowlist, Condition, CustodySecret, DlpRules, EncodedForm, Finding, FindingKind,
-    Location, PlaceholderSecret, RegexTarget, Rule, ScanOutcome, SplitRegex, redact,
+    Location, PlaceholderSecret, RegexTarget, ScanOutcome, SplitRegex, redact,
 };
 
 /// The rule id of a finding for a custody secret's real value.
@@ -34,9 +36,18 @@ pub struct Scanner {
     actions: Vec<Action>,
     /// Rules with a regex but no keywords: always run.
     unconditional: Vec<usize>,
+    /// The rules' keywords, then the literal prefixes of fused split rules (see
+    /// [`SplitRegex::prefixes`]) that are not keywords too: one pass finds both.
     keywords: Option<AhoCorasick>,
-    /// Keyword pattern id → rules that list it.
+    /// Pattern id → rules that list it as a keyword.
     keyword_rules: Vec<Vec<usize>>,
+    /// Patterns `0..keyword_count` are keywords.
+    keyword_count: usize,
+    /// Pattern id → fused rules (by slot) that it is a literal prefix of.
+    prefix_slots: Vec<Vec<usize>>,
+    /// Per rule: its slot when its `REST` is checked only at its prefixes' hits.
+    fused_slot: Vec<Option<usize>>,
+    fused_count: usize,
     custody: Vec<CustodySecret>,
     placeholders: Vec<PlaceholderSecret>,
     needles: Option<AhoCorasick>,
@@ -93,14 +104,47 @@ impl Scanner {
                 }
             }
         }
-        let keywords = (!keyword_list.is_empty()).then(|| {
+        let keyword_count = keyword_list.len();
+        let mut prefix_slots: Vec<Vec<usize>> = vec![Vec::new(); keyword_count];
+        let mut pattern_ids: HashMap<Vec<u8>, usize> = keyword_list
+            .iter()
+            .enumerate()
+            .map(|(id, keyword)| (keyword.as_bytes().to_vec(), id))
+            .collect();
+        let mut patterns: Vec<Vec<u8>> = keyword_list.into_iter().map(String::into_bytes).collect();
+        let mut fused_slot = vec![None; rules.len()];
+        let mut fused_count = 0;
+        for (index, rule) in rules.rules.iter().enumerate() {
+            let Some(prefixes) = rule
+                .split
+                .as_ref()
+                .and_then(|split| split.prefixes.as_ref())
+            else {
+                continue;
+            };
+            if !active[index] {
+                continue;
+            }
+            fused_slot[index] = Some(fused_count);
+            for prefix in prefixes {
+                let id = *pattern_ids.entry(prefix.clone()).or_insert_with(|| {
+                    patterns.push(prefix.clone());
+                    prefix_slots.push(Vec::new());
+                    keyword_rules.push(Vec::new());
+                    patterns.len() - 1
+                });
+                prefix_slots[id].push(fused_count);
+            }
+            fused_count += 1;
+        }
+        let keywords = (!patterns.is_empty()).then(|| {
             // The DFA form is about twice as fast here as the default NFA, and a few
             // hundred keywords keep it well under a megabyte.
             AhoCorasickBuilder::new()
                 .ascii_case_insensitive(true)
                 .match_kind(MatchKind::Standard)
                 .kind(Some(AhoCorasickKind::DFA))
-                .build(&keyword_list)
+                .build(&patterns)
                 .expect("keywords are plain strings well under the automaton's size limits")
         });
 
@@ -140,6 +184,10 @@ impl Scanner {
             unconditional,
             keywords,
             keyword_rules,
+            keyword_count,
+            prefix_slots,
+            fused_slot,
+            fused_count,
             custody,
             placeholders,
             needles,
@@ -236,12 +284,13 @@ impl Scanner {
     fn scan_buffer(&self, bytes: &[u8], host: Option<&str>, location: &Location) -> Vec<Finding> {
         let mut findings = Vec::new();
         let custody_spans = self.scan_custody(bytes, host, location, &mut findings);
-        for index in self.triggered_rules(bytes) {
-            let rule = &self.rules.rules[index];
+        let (triggered, candidates) = self.triggered_rules(bytes);
+        for index in triggered {
+            let starts = self.fused_slot[index].map(|slot| candidates[slot].as_slice());
             self.run_rule(
-                rule,
-                self.actions[index],
+                index,
                 bytes,
+                starts,
                 &custody_spans,
                 location,
                 &mut findings,
@@ -309,49 +358,63 @@ impl Scanner {
         spans
     }
 
-    /// Indices of the rules to run on `bytes`, in rule order.
-    fn triggered_rules(&self, bytes: &[u8]) -> Vec<usize> {
+    /// Indices of the rules to run on `bytes`, in rule order, and per fused rule slot the
+    /// sorted start offsets of its literal prefixes in `bytes`.
+    fn triggered_rules(&self, bytes: &[u8]) -> (Vec<usize>, Vec<Vec<usize>>) {
         let mut run = vec![false; self.active.len()];
         for &index in &self.unconditional {
             run[index] = true;
         }
+        let mut candidates: Vec<Vec<usize>> = vec![Vec::new(); self.fused_count];
         if let Some(keywords) = &self.keywords {
-            let mut seen = vec![false; self.keyword_rules.len()];
-            let mut remaining = seen.len();
+            let mut seen = vec![false; self.keyword_count];
+            let mut remaining = self.keyword_count;
             for found in keywords.find_overlapping_iter(bytes) {
                 let pattern = found.pattern().as_usize();
-                if !seen[pattern] {
+                for &slot in &self.prefix_slots[pattern] {
+                    candidates[slot].push(found.start());
+                }
+                if pattern < self.keyword_count && !seen[pattern] {
                     seen[pattern] = true;
                     for &index in &self.keyword_rules[pattern] {
                         run[index] = true;
                     }
                     remaining -= 1;
-                    if remaining == 0 {
+                    if remaining == 0 && self.fused_count == 0 {
                         break;
                     }
                 }
             }
         }
-        run.iter()
+        // Overlapping matches come in order of their end; a rule's prefixes can overlap.
+        for starts in &mut candidates {
+            starts.sort_unstable();
+            starts.dedup();
+        }
+        let triggered = run
+            .iter()
             .enumerate()
             .filter_map(|(index, &runs)| runs.then_some(index))
-            .collect()
+            .collect();
+        (triggered, candidates)
     }
 
     fn run_rule(
         &self,
-        rule: &Rule,
-        action: Action,
+        index: usize,
         bytes: &[u8],
+        starts: Option<&[usize]>,
         custody_spans: &[Range<usize>],
         location: &Location,
         findings: &mut Vec<Finding>,
     ) {
+        let rule = &self.rules.rules[index];
+        let action = self.actions[index];
         let Some(regex) = &rule.regex else {
             return;
         };
         let regex = regex.get();
-        for captures in RuleMatches::new(regex, rule.split.as_ref(), bytes) {
+        for captures in RuleMatches::new(regex, rule.split.as_ref(), starts, bytes) {
             let Some(whole) = captures.get(0) else {
                 continue;
             };
@@ -415,9 +478,16 @@ impl Scanner {
 /// starting in `q..=q + max_prefix`, at or after `c`, so `q >= c - max_prefix`. And the full
 /// regex matches at `c` itself (empty prefix). So the leftmost full match at or after `pos`
 /// is the leftmost one at or after `max(pos, c - max_prefix)`, and it exists.
+///
+/// With `starts` (a fused rule: every match of the rest begins at one of these sorted
+/// offsets, see [`SplitRegex::prefixes`]), `c` is the first start at or after `pos` where
+/// the rest matches anchored, which is the same leftmost start without a search of its
+/// own over the whole buffer. The full match then ends past `c` (it contains a rest match
+/// starting at or after `c`, and rest matches are not empty), so `c` is never needed again.
 struct RuleMatches<'r, 'h> {
     regex: &'r regex::bytes::Regex,
     split: Option<&'r SplitRegex>,
+    starts: Option<&'h [usize]>,
     haystack: &'h [u8],
     pos: usize,
     done: bool,
@@ -427,15 +497,42 @@ impl<'r, 'h> RuleMatches<'r, 'h> {
     fn new(
         regex: &'r regex::bytes::Regex,
         split: Option<&'r SplitRegex>,
+        starts: Option<&'h [usize]>,
         haystack: &'h [u8],
     ) -> Self {
         RuleMatches {
             regex,
             split,
+            starts: split.and(starts),
             haystack,
             pos: 0,
             done: false,
         }
+    }
+}
+
+impl RuleMatches<'_, '_> {
+    /// The leftmost start at or after `pos` of a match of the rest.
+    fn next_rest_start(&mut self, split: &SplitRegex) -> Option<usize> {
+        let rest = split.rest.get();
+        let Some(starts) = &mut self.starts else {
+            let input = Input::new(self.haystack).range(self.pos..);
+            return rest.find(input).map(|found| found.start());
+        };
+        while let Some((&start, later)) = starts.split_first() {
+            *starts = later;
+            if start < self.pos {
+                continue;
+            }
+            let input = Input::new(self.haystack)
+                .range(start..)
+                .anchored(Anchored::Yes)
+                .earliest(true);
+            if rest.is_match(input) {
+                return Some(start);
+            }
+        }
+        None
     }
 }
 
@@ -447,8 +544,8 @@ impl<'h> Iterator for RuleMatches<'_, 'h> {
             return None;
         }
         let start = match self.split {
-            Some(split) => match split.rest.get().find_at(self.haystack, self.pos) {
-                Some(rest) => self.pos.max(rest.start().saturating_sub(split.max_prefix)),
+            Some(split) => match self.next_rest_start(split) {
+                Some(rest) => self.pos.max(rest.saturating_sub(split.max_prefix)),
                 None => {
                     self.done = true;
                     return None;
@@ -802,9 +899,12 @@ mod tests {
             }
         }
         let haystack = text.as_bytes();
+        let scanner = Scanner::new(rules.clone(), Vec::new());
+        let (_, candidates) = scanner.triggered_rules(haystack);
         let mut split_rules = 0;
+        let mut fused_rules = 0;
         let mut matched = 0;
-        for rule in rules.rules.iter() {
+        for (index, rule) in rules.rules.iter().enumerate() {
             let (Some(regex), Some(split)) = (&rule.regex, &rule.split) else {
                 continue;
             };
@@ -819,11 +919,18 @@ mod tests {
             };
             let regex = regex.get();
             let expected = spans(&mut regex.captures_iter(haystack));
-            let actual = spans(&mut RuleMatches::new(regex, Some(split), haystack));
+            let actual = spans(&mut RuleMatches::new(regex, Some(split), None, haystack));
             assert_eq!(actual, expected, "rule `{}`", rule.id);
+            if let Some(slot) = scanner.fused_slot[index] {
+                fused_rules += 1;
+                let starts = Some(candidates[slot].as_slice());
+                let fused = spans(&mut RuleMatches::new(regex, Some(split), starts, haystack));
+                assert_eq!(fused, expected, "rule `{}` (fused)", rule.id);
+            }
             matched += expected.len();
         }
         assert!(split_rules > 50, "only {split_rules} rules were split");
+        assert!(fused_rules > 50, "only {fused_rules} rules were fused");
         // The text must give the split path real matches to agree on, not only misses.
         assert!(matched > 20, "only {matched} matches");
     }
