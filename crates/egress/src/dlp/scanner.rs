@@ -37,7 +37,8 @@ pub struct Scanner {
     /// Rules with a regex but no keywords: always run.
     unconditional: Vec<usize>,
     /// The rules' keywords, then the literal prefixes of fused split rules (see
-    /// [`SplitRegex::prefixes`]) that are not keywords too: one pass finds both.
+    /// [`SplitRegex::prefixes`]), then the custody and placeholder needles, each once:
+    /// one pass over a buffer finds all three.
     keywords: Option<AhoCorasick>,
     /// Pattern id → rules that list it as a keyword.
     keyword_rules: Vec<Vec<usize>>,
@@ -50,10 +51,23 @@ pub struct Scanner {
     fused_count: usize,
     custody: Vec<CustodySecret>,
     placeholders: Vec<PlaceholderSecret>,
-    needles: Option<AhoCorasick>,
+    /// Every encoded form of every custody secret and placeholder.
+    needle_list: Vec<Vec<u8>>,
+    /// Pattern id → needles that are that pattern up to ASCII case.
+    needle_slots: Vec<Vec<usize>>,
     /// Needle pattern id → what it reveals.
     needle_owner: Vec<NeedleOwner>,
     max_decoded: usize,
+}
+
+/// What one automaton pass over a buffer found.
+struct Pass {
+    /// Indices of the rules to run, in rule order.
+    triggered: Vec<usize>,
+    /// Per fused rule slot, the sorted start offsets of its literal prefixes.
+    candidates: Vec<Vec<usize>>,
+    /// Exact needle occurrences (span, needle index), overlapping ones included.
+    needle_hits: Vec<(Range<usize>, usize)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -137,17 +151,6 @@ impl Scanner {
             }
             fused_count += 1;
         }
-        let keywords = (!patterns.is_empty()).then(|| {
-            // The DFA form is about twice as fast here as the default NFA, and a few
-            // hundred keywords keep it well under a megabyte.
-            AhoCorasickBuilder::new()
-                .ascii_case_insensitive(true)
-                .match_kind(MatchKind::Standard)
-                .kind(Some(AhoCorasickKind::DFA))
-                .build(&patterns)
-                .expect("keywords are plain strings well under the automaton's size limits")
-        });
-
         let custody: Vec<CustodySecret> = custody
             .into_iter()
             .filter(|secret| !secret.value.is_empty())
@@ -170,11 +173,30 @@ impl Scanner {
                 needle_owner.push(NeedleOwner::Placeholder(index, form));
             }
         }
-        let needles = (!needle_list.is_empty()).then(|| {
+        // The needles join the same automaton, which is ASCII case-insensitive, so each
+        // hit is compared with its needle byte for byte.
+        let mut needle_slots: Vec<Vec<usize>> = vec![Vec::new(); patterns.len()];
+        for (needle_index, needle) in needle_list.iter().enumerate() {
+            let id = *pattern_ids
+                .entry(needle.to_ascii_lowercase())
+                .or_insert_with(|| {
+                    patterns.push(needle.to_ascii_lowercase());
+                    prefix_slots.push(Vec::new());
+                    keyword_rules.push(Vec::new());
+                    needle_slots.push(Vec::new());
+                    patterns.len() - 1
+                });
+            needle_slots[id].push(needle_index);
+        }
+        let keywords = (!patterns.is_empty()).then(|| {
+            // The DFA form is about twice as fast here as the default NFA, and a few
+            // hundred keywords keep it well under a megabyte.
             AhoCorasickBuilder::new()
+                .ascii_case_insensitive(true)
                 .match_kind(MatchKind::Standard)
-                .build(&needle_list)
-                .expect("needles are plain strings well under the automaton's size limits")
+                .kind(Some(AhoCorasickKind::DFA))
+                .build(&patterns)
+                .expect("keywords are plain strings well under the automaton's size limits")
         });
 
         Scanner {
@@ -190,7 +212,8 @@ impl Scanner {
             fused_count,
             custody,
             placeholders,
-            needles,
+            needle_list,
+            needle_slots,
             needle_owner,
             max_decoded: DEFAULT_MAX_DECODED,
         }
@@ -283,8 +306,12 @@ impl Scanner {
 
     fn scan_buffer(&self, bytes: &[u8], host: Option<&str>, location: &Location) -> Vec<Finding> {
         let mut findings = Vec::new();
-        let custody_spans = self.scan_custody(bytes, host, location, &mut findings);
-        let (triggered, candidates) = self.triggered_rules(bytes);
+        let Pass {
+            triggered,
+            candidates,
+            needle_hits,
+        } = self.pass(bytes);
+        let custody_spans = self.scan_custody(bytes, &needle_hits, host, location, &mut findings);
         for index in triggered {
             let starts = self.fused_slot[index].map(|slot| candidates[slot].as_slice());
             self.run_rule(
@@ -305,17 +332,15 @@ impl Scanner {
     fn scan_custody(
         &self,
         bytes: &[u8],
+        needle_hits: &[(Range<usize>, usize)],
         host: Option<&str>,
         location: &Location,
         findings: &mut Vec<Finding>,
     ) -> Vec<Range<usize>> {
-        let Some(needles) = &self.needles else {
-            return Vec::new();
-        };
         let mut spans = Vec::new();
-        for found in needles.find_overlapping_iter(bytes) {
-            let span = found.range();
-            let (hosts, kind, rule_id) = match self.needle_owner[found.pattern().as_usize()] {
+        for (span, needle) in needle_hits {
+            let span = span.clone();
+            let (hosts, kind, rule_id) = match self.needle_owner[*needle] {
                 NeedleOwner::Custody(index, form) => {
                     let secret = &self.custody[index];
                     (
@@ -358,21 +383,27 @@ impl Scanner {
         spans
     }
 
-    /// Indices of the rules to run on `bytes`, in rule order, and per fused rule slot the
-    /// sorted start offsets of its literal prefixes in `bytes`.
-    fn triggered_rules(&self, bytes: &[u8]) -> (Vec<usize>, Vec<Vec<usize>>) {
+    /// The one automaton pass over `bytes`.
+    fn pass(&self, bytes: &[u8]) -> Pass {
         let mut run = vec![false; self.active.len()];
         for &index in &self.unconditional {
             run[index] = true;
         }
         let mut candidates: Vec<Vec<usize>> = vec![Vec::new(); self.fused_count];
+        let mut needle_hits = Vec::new();
         if let Some(keywords) = &self.keywords {
             let mut seen = vec![false; self.keyword_count];
             let mut remaining = self.keyword_count;
+            let keep_going = self.fused_count > 0 || !self.needle_list.is_empty();
             for found in keywords.find_overlapping_iter(bytes) {
                 let pattern = found.pattern().as_usize();
                 for &slot in &self.prefix_slots[pattern] {
                     candidates[slot].push(found.start());
+                }
+                for &needle in &self.needle_slots[pattern] {
+                    if bytes[found.range()] == self.needle_list[needle] {
+                        needle_hits.push((found.range(), needle));
+                    }
                 }
                 if pattern < self.keyword_count && !seen[pattern] {
                     seen[pattern] = true;
@@ -380,7 +411,7 @@ impl Scanner {
                         run[index] = true;
                     }
                     remaining -= 1;
-                    if remaining == 0 && self.fused_count == 0 {
+                    if remaining == 0 && !keep_going {
                         break;
                     }
                 }
@@ -396,7 +427,11 @@ impl Scanner {
             .enumerate()
             .filter_map(|(index, &runs)| runs.then_some(index))
             .collect();
-        (triggered, candidates)
+        Pass {
+            triggered,
+            candidates,
+            needle_hits,
+        }
     }
 
     fn run_rule(
@@ -809,6 +844,36 @@ mod tests {
         }
     }
 
+    #[test]
+    fn custody_needles_match_exactly_although_the_pass_ignores_case() {
+        // The value contains a gitleaks keyword and shares the keyword automaton.
+        let value = "Secret-Value-Qm9vYmFy-XYZ123";
+        let scanner = Scanner::new(
+            DlpRules::builtin(),
+            vec![CustodySecret {
+                name: "mixed".to_owned(),
+                value: value.to_owned(),
+                hosts: Vec::new(),
+            }],
+        );
+        let custody_hits = |body: &str| {
+            scanner
+                .scan(body.as_bytes())
+                .iter()
+                .filter(|finding| finding.rule_id == CUSTODY_RULE_ID)
+                .count()
+        };
+        assert_eq!(custody_hits(&format!("a={value}&b={value}")), 2);
+        assert_eq!(
+            custody_hits(&format!("a={}", value.to_ascii_lowercase())),
+            0
+        );
+        assert_eq!(
+            custody_hits(&format!("a={}", value.to_ascii_uppercase())),
+            0
+        );
+    }
+
     fn hex_lower(value: &[u8]) -> String {
         value.iter().map(|byte| format!("{byte:02x}")).collect()
     }
@@ -900,7 +965,7 @@ mod tests {
         }
         let haystack = text.as_bytes();
         let scanner = Scanner::new(rules.clone(), Vec::new());
-        let (_, candidates) = scanner.triggered_rules(haystack);
+        let candidates = scanner.pass(haystack).candidates;
         let mut split_rules = 0;
         let mut fused_rules = 0;
         let mut matched = 0;
