@@ -184,6 +184,9 @@ struct ShimArgs {
     /// PORT=/path/to.sock: forward 127.0.0.1:PORT to a Unix socket (repeatable)
     #[arg(long = "forward")]
     forwards: Vec<shim::Forward>,
+    /// SOURCE:TARGET: copy a directory tree into place before the agent starts (repeatable)
+    #[arg(long = "provision")]
+    provisions: Vec<shim::Provision>,
     /// The agent's argv
     #[arg(last = true, required = true)]
     argv: Vec<String>,
@@ -232,7 +235,7 @@ fn usage(message: &str, hint: &str) -> Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Shim(args) = &cli.command {
-        let code = shim::run(&args.forwards, &args.argv);
+        let code = shim::run_with(&args.forwards, &args.provisions, &args.argv);
         return ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1));
     }
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -8,7 +8,7 @@ use bollard::models::{ContainerCreateBody, HostConfig};
 use bot_bottle_core::plan::{
     BOTTLE_RUN_DIR, BOTTLE_SHIM_PATH, BottlePlan, GATEWAY_SOCKET, PROXY_PORT, Workspace,
 };
-use bot_bottle_core::provider::WORKSPACE;
+use bot_bottle_core::provider::{AGENT_HOME, BOTTLE_CA_PATH, SYSTEM_CA_BUNDLE, WORKSPACE};
 
 /// Label keys; `ps` and cleanup find bottles by them after a crash.
 pub const LABEL_MANAGED: &str = "dev.bot-bottle.managed";
@@ -27,7 +27,16 @@ pub struct HostPaths {
     pub run_dir: PathBuf,
     /// The static bot-bottle binary, mounted read-only as the shim.
     pub shim_binary: PathBuf,
+    /// `state/<slug>/trust`: `gateway-ca.pem` and `ca-bundle.pem` (the image's system roots
+    /// plus the gateway CA), mounted read-only over their places in the bottle.
+    pub trust_dir: PathBuf,
 }
+
+/// Where the shim finds the files to place in the agent's home (`run/home` on the host).
+pub const BOTTLE_PROVISION_DIR: &str = "/run/bot-bottle/home";
+/// File names inside [`HostPaths::trust_dir`].
+pub const TRUST_CA_FILE: &str = "gateway-ca.pem";
+pub const TRUST_BUNDLE_FILE: &str = "ca-bundle.pem";
 
 /// Extra environment computed at launch (credential placeholders). Never secrets.
 pub type LaunchEnv = Vec<(String, String)>;
@@ -85,6 +94,8 @@ pub fn container_config(
         "shim".to_owned(),
         "--forward".to_owned(),
         format!("{PROXY_PORT}={BOTTLE_RUN_DIR}/{GATEWAY_SOCKET}"),
+        "--provision".to_owned(),
+        format!("{BOTTLE_PROVISION_DIR}:{AGENT_HOME}"),
         "--".to_owned(),
     ];
     entrypoint.extend(plan.argv.iter().cloned());
@@ -95,6 +106,14 @@ pub fn container_config(
     let mut binds = vec![
         bind(&paths.run_dir, BOTTLE_RUN_DIR, false),
         bind(&paths.shim_binary, BOTTLE_SHIM_PATH, true),
+        // Mounted, not copied in: the trust store is root's and read-only to the agent, and
+        // mounts are never part of a frozen image.
+        bind(&paths.trust_dir.join(TRUST_CA_FILE), BOTTLE_CA_PATH, true),
+        bind(
+            &paths.trust_dir.join(TRUST_BUNDLE_FILE),
+            SYSTEM_CA_BUNDLE,
+            true,
+        ),
     ];
     if let Workspace::Bind { host } = &plan.workspace {
         binds.push(bind(host, WORKSPACE, false));
@@ -217,6 +236,7 @@ mod snapshot_tests {
         let paths = HostPaths {
             run_dir: PathBuf::from("/home/me/.bot-bottle/state/implementer-abcde/run"),
             shim_binary: PathBuf::from("/usr/local/bin/bot-bottle"),
+            trust_dir: PathBuf::from("/home/me/.bot-bottle/state/implementer-abcde/trust"),
         };
         let env = vec![(
             "ANTHROPIC_API_KEY".to_owned(),

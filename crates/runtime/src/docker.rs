@@ -212,8 +212,8 @@ impl DockerEngine {
             source,
         };
         let docker = Docker::connect_with_local_defaults().map_err(unreachable)?;
+        // Negotiating asks the engine for its version: that is the reachability check.
         let docker = docker.negotiate_version().await.map_err(unreachable)?;
-        docker.ping().await.map_err(unreachable)?;
         Ok(Self { docker })
     }
 
@@ -299,22 +299,31 @@ impl DockerEngine {
     }
 
     /// Creates the bottle's container. An old container of the same name (a crashed
-    /// session) is removed first.
+    /// session) is replaced.
     pub async fn create(
         &self,
         name: &str,
         config: ContainerCreateBody,
     ) -> Result<String, DockerError> {
-        self.remove_container(name).await?;
         let options = CreateContainerOptions {
             name: Some(name.to_owned()),
             ..CreateContainerOptions::default()
         };
-        let created = self
+        let created = match self
             .docker
-            .create_container(Some(options), config)
+            .create_container(Some(options.clone()), config.clone())
             .await
-            .map_err(api("create container"))?;
+        {
+            Err(BollardError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => {
+                // The name is taken by a crashed session's container: replace it.
+                self.remove_container(name).await?;
+                self.docker.create_container(Some(options), config).await
+            }
+            other => other,
+        }
+        .map_err(api("create container"))?;
         Ok(created.id)
     }
 
@@ -328,6 +337,31 @@ impl DockerEngine {
             .upload_to_container(container, Some(options), bollard::body_full(archive.into()))
             .await
             .map_err(api("copy files into the bottle"))
+    }
+
+    /// Reads one file of an image, through a container that is created for it and removed
+    /// again without ever starting.
+    pub async fn read_image_file(
+        &self,
+        image: &str,
+        path: &str,
+    ) -> Result<Option<Vec<u8>>, DockerError> {
+        let config = ContainerCreateBody {
+            image: Some(image.to_owned()),
+            // Never started; some images have no default command, and create wants one.
+            cmd: Some(vec!["/nonexistent".to_owned()]),
+            network_disabled: Some(true),
+            labels: Some(HashMap::from([(LABEL_MANAGED.to_owned(), "1".to_owned())])),
+            ..ContainerCreateBody::default()
+        };
+        let created = self
+            .docker
+            .create_container(None::<CreateContainerOptions>, config)
+            .await
+            .map_err(api("create a container to read the image"))?;
+        let contents = self.read_file(&created.id, path).await;
+        self.remove_container(&created.id).await?;
+        contents
     }
 
     /// Reads one regular file out of a (created or stopped) container, or `None` when

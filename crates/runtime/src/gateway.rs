@@ -14,21 +14,28 @@ use crate::launch::{GatewaySettings, RuntimeError};
 /// A running gateway and what the bottle needs from it.
 pub struct SessionGateway {
     handle: GatewayHandle,
-    placeholder_env: Vec<(String, String)>,
-    ca_pem: Option<String>,
 }
 
-/// Starts the gateway of one bottle session.
-pub async fn start(
+/// Everything the gateway needs, resolved, before anything listens: the bottle's
+/// placeholders and CA are known here, so the container can be created while the gateway
+/// starts.
+pub struct PreparedGateway {
+    config: GatewayConfig,
+    socket: std::path::PathBuf,
+    placeholder_env: Vec<(String, String)>,
+    ca_pem: String,
+}
+
+/// Resolves credentials (real values stay in this process; the bottle gets placeholders),
+/// loads or creates the bottle's CA, and builds the gateway configuration.
+pub fn prepare(
     plan: &BottlePlan,
     bottle: &BottleDir,
     socket: &Path,
     settings: &GatewaySettings,
     ca_dir: &Path,
-) -> Result<SessionGateway, RuntimeError> {
+) -> Result<PreparedGateway, RuntimeError> {
     let gateway_error = |message: String| RuntimeError::Gateway { message };
-    // Real values are read here, in the host process, and never leave it except toward
-    // their own hosts; the bottle gets placeholders.
     let mut credentials = Vec::new();
     let mut placeholder_env = Vec::new();
     for spec in &plan.credentials {
@@ -43,6 +50,7 @@ pub async fn start(
     // One CA per bottle, kept across freeze and resume (the bottle trusts its cert).
     let ca = CertificateAuthority::load_or_create(ca_dir, &format!("bot-bottle {}", bottle.slug()))
         .map_err(|err| gateway_error(error_chain(&err)))?;
+    let ca_pem = ca.cert_pem().to_owned();
     let mut config = GatewayConfig::new(
         Listen::Unix(socket.to_owned()),
         plan.egress.clone(),
@@ -62,26 +70,47 @@ pub async fn start(
             config.extra_upstream_roots.push(cert);
         }
     }
-    let handle = bot_bottle_egress::start(config)
-        .await
-        .map_err(|err| RuntimeError::Gateway {
-            message: error_chain(&err),
-        })?;
-    // The bottle's user (another uid) connects through the bind mount; the state
-    // directory above `run/` is private to this user, so nobody else reaches it.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666)).map_err(|source| {
-        RuntimeError::Io {
-            path: socket.to_owned(),
-            source,
-        }
-    })?;
-    let ca_pem = handle.ca_cert_pem().to_owned();
-    Ok(SessionGateway {
-        handle,
+    Ok(PreparedGateway {
+        config,
+        socket: socket.to_owned(),
         placeholder_env,
-        ca_pem: Some(ca_pem),
+        ca_pem,
     })
+}
+
+impl PreparedGateway {
+    /// Environment variables that hold credential placeholders (never real values).
+    #[must_use]
+    pub fn placeholder_env(&self) -> &[(String, String)] {
+        &self.placeholder_env
+    }
+
+    /// The CA certificate the bottle must trust.
+    #[must_use]
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// Starts listening on the bottle's socket.
+    pub async fn serve(self) -> Result<SessionGateway, RuntimeError> {
+        let socket = self.socket;
+        let handle =
+            bot_bottle_egress::start(self.config)
+                .await
+                .map_err(|err| RuntimeError::Gateway {
+                    message: error_chain(&err),
+                })?;
+        // The bottle's user (another uid) connects through the bind mount; the state
+        // directory above `run/` is private to this user, so nobody else reaches it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).map_err(
+            |source| RuntimeError::Io {
+                path: socket.clone(),
+                source,
+            },
+        )?;
+        Ok(SessionGateway { handle })
+    }
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -96,18 +125,6 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 impl SessionGateway {
-    /// Environment variables that hold credential placeholders (never real values).
-    #[must_use]
-    pub fn placeholder_env(&self) -> Vec<(String, String)> {
-        self.placeholder_env.clone()
-    }
-
-    /// The gateway CA certificate the bottle must trust, when it intercepts TLS.
-    #[must_use]
-    pub fn ca_pem(&self) -> Option<String> {
-        self.ca_pem.clone()
-    }
-
     /// Resolves, with the reason, when the gateway has failed; never while it serves.
     pub async fn failed(&self) -> String {
         self.handle.failed().await

@@ -15,7 +15,9 @@ use bot_bottle_core::state::{BottleDir, Home, Metadata, StateError, Status};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::container::{ConfigError, HostPaths, container_config};
+use crate::container::{
+    ConfigError, HostPaths, TRUST_BUNDLE_FILE, TRUST_CA_FILE, container_config,
+};
 use crate::docker::{Archive, DockerEngine, DockerError};
 use crate::images::ensure_bottle_image;
 use crate::progress::Progress;
@@ -256,63 +258,64 @@ fn check_workspace_writable(plan: &BottlePlan) -> Result<(), RuntimeError> {
     }
 }
 
-/// Files placed into the bottle before the agent starts: provider config and
-/// instructions, the gateway CA, and (with `--cwd`) the workspace.
-fn provision_archive(
-    plan: &BottlePlan,
-    ca_pem: Option<&str>,
-    system_bundle: Option<&[u8]>,
-    copy_workspace: bool,
-) -> Result<Vec<u8>, RuntimeError> {
-    let uid = u64::from(plan.agent_uid);
-    let io = |path: &str| {
-        let path = PathBuf::from(path);
+/// Writes the provider's files (instructions, config) into `run/home`, which the shim
+/// copies into the agent's home before the agent starts. The directory is rewritten
+/// each session so a resumed bottle gets the current manifests.
+fn write_home_files(plan: &BottlePlan, run_dir: &Path) -> Result<(), RuntimeError> {
+    let root = run_dir.join("home");
+    let io = |path: &Path| {
+        let path = path.to_owned();
         move |source| RuntimeError::Io { path, source }
     };
-    let mut archive = Archive::new();
-    let mut dirs = std::collections::BTreeSet::new();
+    match std::fs::remove_dir_all(&root) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(RuntimeError::Io { path: root, source }),
+    }
     for file in &plan.files {
-        let mut dir = Path::new(&file.path).parent();
-        while let Some(d) = dir {
-            if d.starts_with(AGENT_HOME) && d != Path::new(AGENT_HOME) {
-                dirs.insert(d.to_owned());
-            }
-            dir = d.parent();
+        // Only the agent's home: the shim runs as the agent and copies nothing else.
+        let Ok(relative) = Path::new(&file.path).strip_prefix(AGENT_HOME) else {
+            return Err(RuntimeError::Io {
+                path: PathBuf::from(&file.path),
+                source: std::io::Error::other("provisioned files must live in the agent's home"),
+            });
+        };
+        let path = root.join(relative);
+        if let Some(parent) = path.parent() {
+            fs_err::create_dir_all(parent).map_err(io(parent))?;
+        }
+        fs_err::write(&path, &file.contents).map_err(io(&path))?;
+    }
+    // Readable by the agent's uid through the run/ mount; written only by this process.
+    set_tree_mode(&root).map_err(io(&root))
+}
+
+fn set_tree_mode(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !dir.exists() {
+        return Ok(());
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            set_tree_mode(&entry.path())?;
+        } else {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644))?;
         }
     }
-    for dir in dirs {
-        archive
-            .dir(&dir.to_string_lossy(), uid, 0o755)
-            .map_err(io(&dir.to_string_lossy()))?;
-    }
-    for file in &plan.files {
-        archive
-            .file(&file.path, file.contents.as_bytes(), uid, 0o644)
-            .map_err(io(&file.path))?;
-    }
-    if let Some(pem) = ca_pem {
-        archive
-            .dir("/etc/bot-bottle", 0, 0o755)
-            .map_err(io("/etc/bot-bottle"))?;
-        archive
-            .file(BOTTLE_CA_PATH, pem.as_bytes(), 0, 0o644)
-            .map_err(io(BOTTLE_CA_PATH))?;
-    }
-    if let Some(bundle) = system_bundle {
-        // Root-owned like the rest of /etc: the agent can use it, never change it.
-        archive
-            .file(SYSTEM_CA_BUNDLE, bundle, 0, 0o644)
-            .map_err(io(SYSTEM_CA_BUNDLE))?;
-    }
-    if copy_workspace && let Workspace::Copy { host } = &plan.workspace {
-        archive
-            .tree(host, WORKSPACE, uid)
-            .map_err(|source| RuntimeError::Io {
-                path: host.clone(),
-                source,
-            })?;
-    }
-    archive.finish().map_err(io("archive"))
+    Ok(())
+}
+
+/// The workspace, as an archive to upload (`--cwd`, first session only).
+fn workspace_archive(host: &Path, uid: u32) -> Result<Vec<u8>, RuntimeError> {
+    let io = |source| RuntimeError::Io {
+        path: host.to_owned(),
+        source,
+    };
+    let mut archive = Archive::new();
+    archive.tree(host, WORKSPACE, u64::from(uid)).map_err(io)?;
+    archive.finish().map_err(io)
 }
 
 /// Every per-tool CA variable the plan does not set already: Node's takes the gateway CA
@@ -333,25 +336,64 @@ fn ca_trust_env(plan: &BottlePlan) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The image's system trust store with the gateway CA appended (once: a resumed bottle's
-/// store already holds it).
-async fn trust_bundle(
+/// The image's system trust store, read once per bottle image and cached on the host
+/// (`cache/system-ca/<tag>.pem`): reading it takes a throwaway container, which a launch
+/// should not pay for every time. The bottle image tag is a content hash, so the cache
+/// never goes stale; a frozen image has the same store (the agent cannot write it).
+async fn system_roots(
     engine: &DockerEngine,
-    container: &str,
-    ca_pem: &str,
+    home: &Home,
+    plan: &BottlePlan,
+    image: &str,
 ) -> Result<Vec<u8>, RuntimeError> {
-    let mut bundle = engine
-        .read_file(container, SYSTEM_CA_BUNDLE)
+    let key = plan.image.tag.replace(['/', ':'], "_");
+    let cache = home
+        .root()
+        .join("cache/system-ca")
+        .join(format!("{key}.pem"));
+    if let Ok(bundle) = std::fs::read(&cache) {
+        return Ok(bundle);
+    }
+    let bundle = engine
+        .read_image_file(image, SYSTEM_CA_BUNDLE)
         .await?
         .unwrap_or_default();
-    let already = String::from_utf8_lossy(&bundle).contains(ca_pem.trim());
-    if !already {
-        if !bundle.is_empty() && !bundle.ends_with(b"\n") {
-            bundle.push(b'\n');
-        }
-        bundle.extend_from_slice(ca_pem.as_bytes());
+    if let Some(parent) = cache.parent() {
+        fs_err::create_dir_all(parent).map_err(|source| RuntimeError::Io {
+            path: parent.to_owned(),
+            source,
+        })?;
     }
+    bot_bottle_core::state::write_atomic(&cache, &bundle, 0o644)?;
     Ok(bundle)
+}
+
+/// Writes `trust/gateway-ca.pem` and `trust/ca-bundle.pem` (system roots + gateway CA),
+/// which the container mounts read-only.
+fn write_trust_files(
+    trust_dir: &Path,
+    system_roots: &[u8],
+    ca_pem: &str,
+) -> Result<(), RuntimeError> {
+    fs_err::create_dir_all(trust_dir).map_err(|source| RuntimeError::Io {
+        path: trust_dir.to_owned(),
+        source,
+    })?;
+    use std::os::unix::fs::PermissionsExt;
+    fs_err::set_permissions(trust_dir, std::fs::Permissions::from_mode(0o755)).map_err(
+        |source| RuntimeError::Io {
+            path: trust_dir.to_owned(),
+            source,
+        },
+    )?;
+    let mut bundle = system_roots.to_vec();
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(ca_pem.as_bytes());
+    bot_bottle_core::state::write_atomic(&trust_dir.join(TRUST_CA_FILE), ca_pem.as_bytes(), 0o644)?;
+    bot_bottle_core::state::write_atomic(&trust_dir.join(TRUST_BUNDLE_FILE), &bundle, 0o644)?;
+    Ok(())
 }
 
 /// Resolves on SIGTERM, SIGHUP or SIGINT. An interactive session's terminal is in raw
@@ -474,16 +516,21 @@ async fn run_session(
 
     let socket = bottle.run_dir().join(GATEWAY_SOCKET);
     let ca_dir = options.home.ca_dir().join(bottle.slug());
-    let gateway = crate::gateway::start(plan, bottle, &socket, &options.gateway, &ca_dir).await?;
-    let ca_pem = gateway.ca_pem();
-    let mut launch_env = gateway.placeholder_env();
-    if ca_pem.is_some() {
-        launch_env.extend(ca_trust_env(plan));
-    }
+    tracing::debug!("preparing the gateway");
+    let prepared = crate::gateway::prepare(plan, bottle, &socket, &options.gateway, &ca_dir)?;
+    tracing::debug!("gateway prepared");
+    let ca_pem = prepared.ca_pem().to_owned();
+    let mut launch_env = prepared.placeholder_env().to_vec();
+    launch_env.extend(ca_trust_env(plan));
 
+    let trust_dir = bottle.path().join("trust");
+    let roots = system_roots(engine, &options.home, plan, &image).await?;
+    write_trust_files(&trust_dir, &roots, &ca_pem)?;
+    write_home_files(plan, &bottle.run_dir())?;
     let paths = HostPaths {
         run_dir: bottle.run_dir(),
         shim_binary: options.shim_binary.clone(),
+        trust_dir,
     };
     let config = container_config(plan, bottle.slug(), &image, &paths, &launch_env)?;
     let name = container_name(bottle.slug());
@@ -491,24 +538,42 @@ async fn run_session(
         "starting bottle {} (network: none; egress via gateway only)",
         bottle.slug()
     ));
+    // The gateway starts (its DLP rules compile) while the engine creates the container;
+    // the container starts only once both are done.
+    // Its own task: starting does CPU work (rule compilation) that must not hold up this
+    // task's calls to the engine.
+    let serving = tokio::spawn(prepared.serve());
     let container_id = engine.create(&name, config).await?;
+    tracing::debug!("container created");
+    let gateway = match serving.await {
+        Ok(Ok(gateway)) => gateway,
+        Ok(Err(err)) => {
+            let _ = engine.remove_container(&container_id).await;
+            return Err(err);
+        }
+        Err(join) => {
+            let _ = engine.remove_container(&container_id).await;
+            return Err(RuntimeError::Gateway {
+                message: format!("the gateway task failed: {join}"),
+            });
+        }
+    };
     metadata.container_id = Some(container_id.clone());
     metadata.status = Status::Running;
     metadata.updated_at = now();
     bottle.write_metadata(metadata)?;
 
-    let copy_workspace = spec.copy_cwd && plan.image.resume_from.is_none();
-    let system_bundle = match &ca_pem {
-        Some(pem) => Some(trust_bundle(engine, &container_id, pem).await?),
-        None => None,
-    };
-    let archive = provision_archive(
-        plan,
-        ca_pem.as_deref(),
-        system_bundle.as_deref(),
-        copy_workspace,
-    )?;
-    engine.upload(&container_id, archive).await?;
+    // The workspace is copied in on the first session only: later ones resume from the
+    // frozen image, which already holds it.
+    if spec.copy_cwd
+        && plan.image.resume_from.is_none()
+        && let Workspace::Copy { host } = &plan.workspace
+    {
+        engine
+            .upload(&container_id, workspace_archive(host, plan.agent_uid)?)
+            .await?;
+    }
+    tracing::debug!("bottle ready");
 
     let run = async {
         if plan.headless {

@@ -63,6 +63,83 @@ async fn serve_forward(listener: TcpListener, socket: PathBuf) {
     }
 }
 
+/// A directory whose tree is copied into another before the agent starts:
+/// `SOURCE:TARGET`. The host writes the agent's instructions and config into `SOURCE`
+/// (a read-only view for the agent); copying them into the agent-owned home, instead of
+/// uploading them into the container, keeps a launch to the engine calls `docker run`
+/// makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provision {
+    pub source: PathBuf,
+    pub target: PathBuf,
+}
+
+impl std::str::FromStr for Provision {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (source, target) = text
+            .split_once(':')
+            .ok_or_else(|| format!("expected SOURCE:TARGET, got `{text}`"))?;
+        Ok(Self {
+            source: PathBuf::from(source),
+            target: PathBuf::from(target),
+        })
+    }
+}
+
+/// Copies every file under `source` to the same relative path under `target`,
+/// creating directories; existing files are replaced.
+pub fn provision(spec: &Provision) -> std::io::Result<usize> {
+    let mut copied = 0;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(relative) = stack.pop() {
+        let dir = spec.source.join(&relative);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err)
+                if err.kind() == std::io::ErrorKind::NotFound
+                    && relative.as_os_str().is_empty() =>
+            {
+                return Ok(0);
+            }
+            Err(err) => return Err(err),
+        };
+        std::fs::create_dir_all(spec.target.join(&relative))?;
+        for entry in entries {
+            let entry = entry?;
+            let path = relative.join(entry.file_name());
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file() {
+                let destination = spec.target.join(&path);
+                // Replace rather than write through: a symlink the agent left there must
+                // not redirect the write.
+                let _ = std::fs::remove_file(&destination);
+                std::fs::copy(entry.path(), &destination)?;
+                copied += 1;
+            }
+        }
+    }
+    Ok(copied)
+}
+
+/// Runs the shim and returns the agent's exit code (128 + signal when it was killed).
+pub fn run_with(forwards: &[Forward], provisions: &[Provision], argv: &[String]) -> i32 {
+    for spec in provisions {
+        if let Err(err) = provision(spec) {
+            eprintln!(
+                "bot-bottle shim: cannot copy {} into {}: {err}",
+                spec.source.display(),
+                spec.target.display()
+            );
+            return 125;
+        }
+    }
+    run(forwards, argv)
+}
+
 /// Runs the shim and returns the agent's exit code (128 + signal when it was killed).
 pub fn run(forwards: &[Forward], argv: &[String]) -> i32 {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -193,6 +270,42 @@ mod tests {
         );
         assert_eq!(code, 7);
         assert_eq!(&server.join().unwrap(), b"ping");
+    }
+
+    #[test]
+    fn provision_copies_the_tree_and_replaces_files() {
+        let source = tempfile::tempdir().unwrap();
+        let target = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(source.path().join(".claude")).unwrap();
+        std::fs::write(source.path().join(".claude/CLAUDE.md"), "new").unwrap();
+        std::fs::write(source.path().join("top.txt"), "top").unwrap();
+        std::fs::create_dir_all(target.path().join(".claude")).unwrap();
+        std::fs::write(target.path().join(".claude/CLAUDE.md"), "old").unwrap();
+        let spec = Provision {
+            source: source.path().to_owned(),
+            target: target.path().to_owned(),
+        };
+        assert_eq!(provision(&spec).unwrap(), 2);
+        assert_eq!(
+            std::fs::read_to_string(target.path().join(".claude/CLAUDE.md")).unwrap(),
+            "new"
+        );
+        assert_eq!(
+            std::fs::read_to_string(target.path().join("top.txt")).unwrap(),
+            "top"
+        );
+        let missing = Provision {
+            source: source.path().join("nope"),
+            target: target.path().to_owned(),
+        };
+        assert_eq!(provision(&missing).unwrap(), 0);
+        assert_eq!(
+            "/a:/b".parse::<Provision>().unwrap(),
+            Provision {
+                source: "/a".into(),
+                target: "/b".into()
+            }
+        );
     }
 
     #[test]
