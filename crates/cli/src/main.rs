@@ -389,6 +389,12 @@ async fn start(args: StartArgs) -> Result<i32, Failure> {
         print_plan(&plan, args.json);
         return Ok(0);
     }
+    if interactive && std::io::stderr().is_terminal() {
+        // The label names the terminal window, so several bottles stay apart.
+        let label = spec.label.as_deref().unwrap_or(&spec.agent);
+        let clean: String = label.chars().filter(|c| !c.is_control()).collect();
+        eprint!("\x1b]0;bot-bottle: {clean}\x07");
+    }
     let mut options = launch_options(home, args.json)?;
     options.agent_stdout_to_stderr = args.json;
     if interactive {
@@ -417,25 +423,6 @@ fn confirm_plan(plan: &BottlePlan) -> bool {
         .prompt()
         .unwrap_or(false)
 }
-
-const COLORS: [&str; 16] = [
-    "black",
-    "red",
-    "green",
-    "yellow",
-    "blue",
-    "magenta",
-    "cyan",
-    "white",
-    "bright-black",
-    "bright-red",
-    "bright-green",
-    "bright-yellow",
-    "bright-blue",
-    "bright-magenta",
-    "bright-cyan",
-    "bright-white",
-];
 
 fn pick_interactively(spec: &mut BottleSpec, home: &Home) -> Result<(), Failure> {
     let catalog = Catalog::resolve(&spec.cwd, home.root()).map_err(RuntimeError::from)?;
@@ -478,7 +465,7 @@ fn pick_interactively(spec: &mut BottleSpec, home: &Home) -> Result<(), Failure>
     }
     if spec.color.is_none() {
         let mut options = vec!["none"];
-        options.extend(COLORS);
+        options.extend(bot_bottle_core::plan::COLORS);
         let color = inquire::Select::new("Color:", options)
             .prompt()
             .map_err(cancelled)?;

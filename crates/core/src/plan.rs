@@ -136,11 +136,33 @@ pub enum PlanError {
         "agent `{agent}` has no default bottle\nhint: pass `--bottle NAME`, or set `bottles:` in `{source_path}`"
     )]
     NoDefaultBottle { agent: String, source_path: String },
+    #[error("unknown color `{color}`\nhint: use one of the 16 ANSI color names: {}", COLORS.join(", "))]
+    UnknownColor { color: String },
     #[error("unknown backend `{backend}`\nhint: known backends: `docker`")]
     UnknownBackend { backend: String },
     #[error("Dockerfile `{path}` was not read\nhint: check that the file exists")]
     MissingDockerfile { path: PathBuf },
 }
+
+/// The bottle colors: the 16 ANSI color names.
+pub const COLORS: [&str; 16] = [
+    "black",
+    "red",
+    "green",
+    "yellow",
+    "blue",
+    "magenta",
+    "cyan",
+    "white",
+    "bright-black",
+    "bright-red",
+    "bright-green",
+    "bright-yellow",
+    "bright-blue",
+    "bright-magenta",
+    "bright-cyan",
+    "bright-white",
+];
 
 /// The backends this build knows.
 pub const BACKENDS: &[&str] = &["docker"];
@@ -232,6 +254,13 @@ pub fn plan(
     };
     if !BACKENDS.contains(&backend.as_str()) {
         return Err(PlanError::UnknownBackend { backend });
+    }
+    if let Some(color) = &spec.color
+        && !COLORS.contains(&color.as_str())
+    {
+        return Err(PlanError::UnknownColor {
+            color: color.clone(),
+        });
     }
 
     let layer = bottle_layer(&composed.packages, agent.provider, host.agent_uid);
@@ -558,6 +587,21 @@ mod tests {
         bad.backend = Some("vmware".into());
         let err = plan(&bad, &catalog(), &host()).unwrap_err().to_string();
         assert!(err.contains("unknown backend `vmware`"), "{err}");
+    }
+
+    #[test]
+    fn color_must_be_an_ansi_name() {
+        let mut bad = spec();
+        bad.color = Some("chartreuse".into());
+        let err = plan(&bad, &catalog(), &host()).unwrap_err().to_string();
+        assert!(err.starts_with("unknown color `chartreuse`"), "{err}");
+        assert!(err.contains("bright-magenta"), "{err}");
+        let mut good = spec();
+        good.color = Some("bright-cyan".into());
+        assert_eq!(
+            plan(&good, &catalog(), &host()).unwrap().color.as_deref(),
+            Some("bright-cyan")
+        );
     }
 
     #[test]

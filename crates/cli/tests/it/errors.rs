@@ -238,3 +238,18 @@ fn regex_lite_replace(text: &str, marker: &str, replacement: &str) -> String {
         None => text.to_owned(),
     }
 }
+
+#[test]
+fn unknown_color() {
+    let out = project().run(&[
+        "start",
+        "worker",
+        "--headless",
+        "--prompt",
+        "x",
+        "--color",
+        "chartreuse",
+        "--dry-run",
+    ]);
+    assert_error(&out, 78, &["unknown color `chartreuse`", "bright-cyan"]);
+}
