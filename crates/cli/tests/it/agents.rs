@@ -322,6 +322,22 @@ fn docker_pi_starts_and_prints_its_version() {
     version_smoke("pi", "0.73.1");
 }
 
+/// Resumes `slug` headlessly and checks that the agent's next model call carries the
+/// first session's prompt: the CLI continued its conversation instead of starting anew.
+fn assert_resume_continues(project: &Project, model: &TlsModel, slug: &str, first_prompt: &str) {
+    let before = model.fixture.requests().len();
+    let out = project.run(&["resume", slug, "--headless", "--prompt", "Now say done"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let resumed = &model.fixture.requests()[before..];
+    assert!(!resumed.is_empty(), "resume made no model call");
+    let history = serde_json::to_string(&resumed[0].body).unwrap();
+    assert!(
+        history.contains(first_prompt),
+        "resume started a new conversation: {history}"
+    );
+    assert!(history.contains("Now say done"), "{history}");
+}
+
 /// The bottle of the pi test: the Messages API with the key in custody (pi uses the same
 /// API and header as claude).
 #[test]
@@ -359,6 +375,8 @@ fn docker_pi_writes_a_file_over_intercepted_tls() {
             .iter()
             .all(|r| r.header("x-api-key") == Some(real_key))
     );
+    let slug = project.state_dirs().pop().unwrap();
+    assert_resume_continues(&project, &model, &slug, "Write hello.txt");
 }
 
 /// Codex through its custom provider (still https://api.openai.com/v1), bearer key in
@@ -411,4 +429,5 @@ fn docker_codex_writes_a_file_over_intercepted_tls() {
         events.iter().all(|e| e["decision"] != "block"),
         "codex made calls the policy blocked: {events:?}"
     );
+    assert_resume_continues(&project, &model, &slug, "Write hello.txt");
 }
