@@ -88,6 +88,7 @@ impl CredentialSpec {
             let probe = crate::policy::EgressPolicy {
                 audit: None,
                 rules: vec![crate::policy::EgressRule::host(host.clone())],
+                ..crate::policy::EgressPolicy::default()
             };
             if probe.validate().is_err() {
                 return Err(CredentialError::BadHost {

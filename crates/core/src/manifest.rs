@@ -356,6 +356,11 @@ impl BottleManifest {
         {
             front.image.dockerfile = Some(dir.join(dockerfile));
         }
+        if let (Some(rules), Some(dir)) = (&front.egress.dlp.rules_file, path.parent())
+            && rules.is_relative()
+        {
+            front.egress.dlp.rules_file = Some(dir.join(rules));
+        }
         for mount in &front.mounts {
             if !mount.target.is_absolute() {
                 return Err(ManifestError::Invalid {
@@ -656,6 +661,33 @@ mod tests {
             parsed.front.image.dockerfile,
             Some(PathBuf::from("/p/.bot-bottle/bottles/../Dockerfile"))
         );
+    }
+
+    #[test]
+    fn dlp_section_parses_composes_and_resolves_its_file() {
+        let a = bottle(
+            "a",
+            "---\negress:\n  dlp:\n    rules_file: rules/gitleaks.toml\n    actions: {generic-api-key: log}\n---\n",
+        );
+        let b = bottle(
+            "b",
+            "---\negress:\n  dlp:\n    default_action: log\n    actions: {aws-access-token: block}\n---\n",
+        );
+        let composed = compose(&[&a, &b]);
+        let dlp = &composed.egress.dlp;
+        assert_eq!(
+            dlp.rules_file,
+            Some(PathBuf::from("/p/.bot-bottle/bottles/rules/gitleaks.toml"))
+        );
+        assert_eq!(dlp.default_action, Some(crate::policy::DlpAction::Log));
+        assert_eq!(dlp.actions.len(), 2);
+        let err = BottleManifest::parse(
+            Path::new("/p/.bot-bottle/bottles/c.md"),
+            "---\negress:\n  dlp:\n    default_action: ignore\n---\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("ignore"), "{err}");
     }
 
     #[test]

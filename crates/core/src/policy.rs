@@ -19,6 +19,43 @@ pub struct EgressPolicy {
     pub audit: Option<AuditLevel>,
     #[serde(default)]
     pub rules: Vec<EgressRule>,
+    /// What the DLP scanner looks for and does on a finding.
+    #[serde(default, skip_serializing_if = "DlpPolicy::is_default")]
+    pub dlp: DlpPolicy,
+}
+
+/// The `egress.dlp:` section: which rules scan outbound traffic, and what a finding does.
+/// Custody secrets and placeholders headed to the wrong host are always blocked,
+/// whatever this says.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlpPolicy {
+    /// A rule file in the gitleaks v8 format; unset means the built-in rule set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules_file: Option<std::path::PathBuf>,
+    /// What a finding of a rule without its own action does (default `block`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_action: Option<DlpAction>,
+    /// Per-rule actions, by gitleaks rule id.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub actions: std::collections::BTreeMap<String, DlpAction>,
+}
+
+impl DlpPolicy {
+    #[must_use]
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// What a DLP finding does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DlpAction {
+    /// Refuse the request (403) and audit the finding.
+    Block,
+    /// Let the request through and audit the finding.
+    Log,
 }
 
 /// How much of the traffic the audit log records. Blocks, DLP findings, placeholder
@@ -235,6 +272,13 @@ impl EgressPolicy {
         if other.audit.is_some() {
             self.audit = other.audit;
         }
+        if other.dlp.rules_file.is_some() {
+            self.dlp.rules_file = other.dlp.rules_file;
+        }
+        if other.dlp.default_action.is_some() {
+            self.dlp.default_action = other.dlp.default_action;
+        }
+        self.dlp.actions.extend(other.dlp.actions);
         for rule in other.rules {
             if !self.rules.contains(&rule) {
                 self.rules.push(rule);
@@ -921,21 +965,25 @@ rules:
         let mut base = EgressPolicy {
             audit: Some(AuditLevel::All),
             rules: vec![EgressRule::host("a.example")],
+            ..EgressPolicy::default()
         };
         base.merge(EgressPolicy {
             audit: None,
             rules: vec![EgressRule::host("a.example"), EgressRule::host("b.example")],
+            ..EgressPolicy::default()
         });
         assert_eq!(
             base,
             EgressPolicy {
                 audit: Some(AuditLevel::All),
                 rules: vec![EgressRule::host("a.example"), EgressRule::host("b.example")],
+                ..EgressPolicy::default()
             }
         );
         base.merge(EgressPolicy {
             audit: Some(AuditLevel::Blocks),
             rules: vec![],
+            ..EgressPolicy::default()
         });
         assert_eq!(base.audit_level(), AuditLevel::Blocks);
         assert_eq!(EgressPolicy::default().audit_level(), AuditLevel::Blocks);
@@ -947,6 +995,7 @@ rules:
             EgressPolicy {
                 audit: None,
                 rules: vec![EgressRule::host("ok.example"), rule],
+                ..EgressPolicy::default()
             }
             .validate()
         };
@@ -1045,6 +1094,7 @@ rules:
         let policy = EgressPolicy {
             audit: None,
             rules: vec![EgressRule::host("a.example")],
+            ..EgressPolicy::default()
         };
         assert_eq!(
             serde_json::to_string(&policy).expect("serializes"),

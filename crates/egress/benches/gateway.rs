@@ -428,7 +428,7 @@ fn serve_gateway(origin: &str, dir: &str, origin_ca: &str) {
             paths: vec!["/small".into(), "/big".into()],
             ..EgressRule::host("origin.test")
         });
-        let policy = EgressPolicy { audit: None, rules };
+        let policy = EgressPolicy { rules, ..EgressPolicy::default() };
         // `BENCH_DLP=builtin|empty` isolates the DLP cost; the default is the full set.
         let dlp = match (
             std::env::var("BENCH_DLP").as_deref(),

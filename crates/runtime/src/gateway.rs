@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use bot_bottle_core::plan::BottlePlan;
+use bot_bottle_core::policy::{DlpAction, DlpPolicy};
 use bot_bottle_core::state::BottleDir;
+use bot_bottle_egress::dlp::{Action, DlpRules};
 use bot_bottle_egress::{
     CertificateAuthority, GatewayConfig, GatewayHandle, Listen, ResolvedCredential,
 };
@@ -24,6 +26,7 @@ pub struct PreparedGateway {
     socket: std::path::PathBuf,
     placeholder_env: Vec<(String, String)>,
     ca_pem: String,
+    warnings: Vec<String>,
 }
 
 /// Resolves credentials (real values stay in this process; the bottle gets placeholders),
@@ -60,6 +63,8 @@ pub fn prepare(
     config.loopback_only = settings.loopback_only;
     config.ca = Some(std::sync::Arc::new(ca));
     config.credentials = credentials;
+    let mut warnings = Vec::new();
+    config.dlp_rules = dlp_rules(&plan.egress.dlp, &mut warnings)?;
     if let Some(path) = &settings.upstream_ca {
         let pem = std::fs::read(path).map_err(|source| RuntimeError::Io {
             path: path.clone(),
@@ -75,7 +80,61 @@ pub fn prepare(
         socket: socket.to_owned(),
         placeholder_env,
         ca_pem,
+        warnings,
     })
+}
+
+/// The DLP rules a bottle's policy asks for; `None` leaves the gateway its built-in set
+/// (compiled on the gateway's own task).
+fn dlp_rules(
+    policy: &DlpPolicy,
+    warnings: &mut Vec<String>,
+) -> Result<Option<DlpRules>, RuntimeError> {
+    if policy.is_default() {
+        return Ok(None);
+    }
+    let invalid = |message: String| RuntimeError::Policy { message };
+    let mut rules = match &policy.rules_file {
+        Some(path) => {
+            let text = fs_err::read_to_string(path).map_err(|source| RuntimeError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let (rules, skipped) = DlpRules::from_gitleaks_toml(&text).map_err(|err| {
+                invalid(format!(
+                    "DLP rules `{}`: {}",
+                    path.display(),
+                    error_chain(&err)
+                ))
+            })?;
+            for rule in skipped {
+                warnings.push(format!(
+                    "DLP rule `{}` in `{}` is not used: {}",
+                    rule.id,
+                    path.display(),
+                    rule.reason
+                ));
+            }
+            rules
+        }
+        None => DlpRules::builtin(),
+    };
+    let action = |action: DlpAction| match action {
+        DlpAction::Block => Action::Block,
+        DlpAction::Log => Action::Log,
+    };
+    if let Some(default) = policy.default_action {
+        rules = rules.with_default_action(action(default));
+    }
+    for (id, rule_action) in &policy.actions {
+        rules.set_action(id, action(*rule_action)).map_err(|err| {
+            invalid(format!(
+                "{}\nhint: `egress.dlp.actions` names rules by their gitleaks id",
+                error_chain(&err)
+            ))
+        })?;
+    }
+    Ok(Some(rules))
 }
 
 impl PreparedGateway {
@@ -83,6 +142,12 @@ impl PreparedGateway {
     #[must_use]
     pub fn placeholder_env(&self) -> &[(String, String)] {
         &self.placeholder_env
+    }
+
+    /// Things the user should know that do not stop the launch (unusable DLP rules).
+    #[must_use]
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// The CA certificate the bottle must trust.

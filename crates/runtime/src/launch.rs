@@ -72,6 +72,8 @@ pub enum RuntimeError {
     WorkspaceNotWritable { path: PathBuf, uid: u32 },
     #[error("launch cancelled")]
     Declined,
+    #[error("{message}")]
+    Policy { message: String },
     #[error(
         "interrupted by {signal}; bottle `{slug}` was stopped, its state and audit log kept\nhint: `bot-bottle resume {slug}` continues it, `bot-bottle destroy {slug}` removes it"
     )]
@@ -91,6 +93,7 @@ impl RuntimeError {
         match self {
             Self::Manifest(_)
             | Self::Plan(_)
+            | Self::Policy { .. }
             | Self::Config(_)
             | Self::WorkspaceNotWritable { .. } => exit_codes::CONFIG,
             Self::State(_) | Self::UnknownSlug { .. } | Self::NothingToResume { .. } => {
@@ -520,6 +523,9 @@ async fn run_session(
     let prepared = crate::gateway::prepare(plan, bottle, &socket, &options.gateway, &ca_dir)?;
     tracing::debug!("gateway prepared");
     let ca_pem = prepared.ca_pem().to_owned();
+    for warning in prepared.warnings() {
+        progress.step(&format!("warning: {warning}"));
+    }
     let mut launch_env = prepared.placeholder_env().to_vec();
     launch_env.extend(ca_trust_env(plan));
 

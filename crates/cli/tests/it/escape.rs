@@ -141,3 +141,69 @@ fn docker_escape_suite() {
     let verify = project.run(&["audit", "verify", &slug]);
     assert_eq!(verify.status.code(), Some(0), "{}", stderr(&verify));
 }
+
+/// `egress.dlp.actions` can turn a rule to `log`: the request goes out and the finding is
+/// audited (without the secret). An unknown rule id is a configuration error.
+#[test]
+fn docker_dlp_log_action_lets_the_request_out_and_audits_it() {
+    let real_key = "sk-ant-api03-DLPLOGTESTVALUE0123456789abcdefghijklmnopqrstuvwxyz-test";
+    let mut project = Project::new();
+    let (model, _rt) = tls_model(
+        &mut project,
+        Script::write_then_done("unused.txt", "x"),
+        real_key,
+    );
+    let bottle = CUSTODY_BOTTLE.replace(
+        "credentials:",
+        "  dlp:\n    actions: {aws-access-key-id: log}\ncredentials:",
+    );
+    let script = "curl -sS -m 20 -o /dev/null -w 'STATUS %{http_code}\\n' -H \"x-api-key: $ANTHROPIC_API_KEY\" -H 'content-type: application/json' -H 'anthropic-version: 2023-06-01' --data '{\"model\":\"m\",\"max_tokens\":8,\"messages\":[{\"role\":\"user\",\"content\":\"key AKIAQYLPMN5HHHFPZAM2\"}]}' https://api.anthropic.com/v1/messages";
+    let agent = format!(
+        "---\nprovider: command\ncommand: [\"bash\", \"-c\", {}]\nbottles: logged\n---\n",
+        serde_json::to_string(script).unwrap()
+    );
+    project.agent("logger", &agent).bottle("logged", &bottle);
+    let out = project.run(&["start", "logger", "--headless", "--prompt", "x", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("STATUS 200"), "{}", stderr(&out));
+    assert!(
+        model
+            .fixture
+            .requests()
+            .iter()
+            .any(|r| serde_json::to_string(&r.body)
+                .unwrap()
+                .contains("AKIAQYLPMN5HHHFPZAM2")),
+        "the logged request did not reach the origin"
+    );
+    let slug = project.state_dirs().pop().unwrap();
+    let events = project.audit_lines(&slug);
+    let logged = events
+        .iter()
+        .find(|e| {
+            e["decision"] == "allow" && e["dlp"].as_array().is_some_and(|hits| !hits.is_empty())
+        })
+        .unwrap_or_else(|| panic!("no DLP finding audited: {events:?}"));
+    assert!(logged.to_string().contains("aws-access-key-id"), "{logged}");
+    let log = std::fs::read_to_string(
+        project
+            .home
+            .path()
+            .join(format!("state/{slug}/egress.jsonl")),
+    )
+    .unwrap();
+    assert!(
+        !log.contains("AKIAQYLPMN5HHHFPZAM2"),
+        "the finding's secret is in the audit log"
+    );
+
+    let broken = CUSTODY_BOTTLE.replace(
+        "credentials:",
+        "  dlp:\n    actions: {no-such-rule: log}\ncredentials:",
+    );
+    project.bottle("logged", &broken);
+    let out = project.run(&["start", "logger", "--headless", "--prompt", "x"]);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no-such-rule"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("hint:"), "{}", stderr(&out));
+}
