@@ -7,8 +7,13 @@
 //! - `gateway`: this gateway intercepting TLS, with a 20-rule policy and the full gitleaks
 //!   DLP rule set, in its own process (so its peak RSS is its own).
 //!
-//! `cargo bench -p bot-bottle-egress --bench gateway -- [--seconds N] [--big N]`, or
-//! `scripts/bench-gateway.sh`. Everything listens on 127.0.0.1; nothing leaves the host.
+//! `cargo bench -p bot-bottle-egress --bench gateway -- [--seconds N] [--big N] [--rounds N]
+//! [--skip-others]`, or `scripts/bench-gateway.sh`. With `--rounds N` every path is
+//! measured N times, interleaved (direct, squid, mitmdump, gateway, direct, …), and each
+//! figure is the median over the rounds: on a shared machine the load drifts between one
+//! path's run and the next, and interleaving keeps the ratios from riding on that drift.
+//! `--skip-others` measures only direct and the gateway. Everything listens on 127.0.0.1;
+//! nothing leaves the host.
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Write as _};
@@ -428,7 +433,10 @@ fn serve_gateway(origin: &str, dir: &str, origin_ca: &str) {
             paths: vec!["/small".into(), "/big".into()],
             ..EgressRule::host("origin.test")
         });
-        let policy = EgressPolicy { rules, ..EgressPolicy::default() };
+        let policy = EgressPolicy {
+            rules,
+            ..EgressPolicy::default()
+        };
         // `BENCH_DLP=builtin|empty` isolates the DLP cost; the default is the full set.
         let dlp = match (
             std::env::var("BENCH_DLP").as_deref(),
@@ -484,10 +492,20 @@ fn main() {
     }
     let mut seconds = 3.0;
     let mut big_count = 40;
+    let mut rounds = 1usize;
+    let mut others = true;
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         match arg.as_str() {
             "--seconds" => seconds = iter.next().and_then(|v| v.parse().ok()).unwrap_or(seconds),
+            "--rounds" => {
+                rounds = iter
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(rounds)
+                    .max(1)
+            }
+            "--skip-others" => others = false,
             "--big" => {
                 big_count = iter
                     .next()
@@ -501,7 +519,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(run(seconds, big_count));
+    runtime.block_on(run(seconds, big_count, rounds, others));
 }
 
 struct Row {
@@ -549,12 +567,12 @@ fn start_origin(dir: &Path) -> (Child, SocketAddr, String) {
     )
 }
 
-async fn run(seconds: f64, big_count: usize) {
+async fn run(seconds: f64, big_count: usize, rounds: usize, others: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut origin_child, origin, origin_ca_pem) = start_origin(dir.path());
     let origin_ca = dir.path().join("origin-ca.pem");
     println!(
-        "gateway benchmark: loopback origin {origin} (own process), {seconds} s per small-GET run, {big_count} x 1 MiB"
+        "gateway benchmark: loopback origin {origin} (own process), {seconds} s per small-GET run, {big_count} x 1 MiB, {rounds} round(s)"
     );
     let gitleaks = if Path::new(GITLEAKS).exists() {
         "full gitleaks rule set"
@@ -562,26 +580,26 @@ async fn run(seconds: f64, big_count: usize) {
         "built-in DLP rules (gitleaks file not found)"
     };
 
-    let mut rows = Vec::new();
     let direct = Route {
         proxy: None,
         host: "127.0.0.1".into(),
         port: origin.port(),
         roots: client_config(&origin_ca_pem),
     };
-    rows.push(measure("direct", &direct, seconds, big_count, None).await);
-
     let mut proxies = Vec::new();
-    match start_squid(dir.path()) {
-        Some(p) => proxies.push(p),
-        None => println!("squid: not installed, skipped"),
-    }
-    match start_mitmdump(dir.path(), &origin_ca) {
-        Some(p) => proxies.push(p),
-        None => println!("mitmdump: not installed, skipped"),
+    if others {
+        match start_squid(dir.path()) {
+            Some(p) => proxies.push(p),
+            None => println!("squid: not installed, skipped"),
+        }
+        match start_mitmdump(dir.path(), &origin_ca) {
+            Some(p) => proxies.push(p),
+            None => println!("mitmdump: not installed, skipped"),
+        }
     }
     proxies.push(start_gateway(origin, dir.path(), &origin_ca));
-    for mut proxy in proxies {
+    let mut routes = vec![("direct", direct, None)];
+    for proxy in &proxies {
         let roots = if proxy.ca_pem.is_empty() {
             client_config(&origin_ca_pem)
         } else {
@@ -593,16 +611,19 @@ async fn run(seconds: f64, big_count: usize) {
             port: origin.port(),
             roots,
         };
-        rows.push(
-            measure(
-                proxy.name,
-                &route,
-                seconds,
-                big_count,
-                Some(proxy.child.id()),
-            )
-            .await,
-        );
+        routes.push((proxy.name, route, Some(proxy.child.id())));
+    }
+    let mut runs: Vec<Vec<Row>> = routes.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        if rounds > 1 {
+            eprintln!("round {} of {rounds}", round + 1);
+        }
+        for ((name, route, pid), runs) in routes.iter().zip(&mut runs) {
+            runs.push(measure(name, route, seconds, big_count, *pid).await);
+        }
+    }
+    let rows: Vec<Row> = runs.into_iter().map(median_row).collect();
+    for mut proxy in proxies {
         let _ = proxy.child.kill();
         let _ = proxy.child.wait();
     }
@@ -671,6 +692,31 @@ async fn run(seconds: f64, big_count: usize) {
             gateway.c32.requests_per_second / squid.c32.requests_per_second,
             gateway.big_mib_s / squid.big_mib_s
         );
+    }
+}
+
+/// Per figure, the median over the rounds; peak RSS is the highest seen.
+fn median_row(mut runs: Vec<Row>) -> Row {
+    fn median(mut values: Vec<f64>) -> f64 {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    }
+    let small = |runs: &[Row], pick: fn(&Row) -> &SmallResult| SmallResult {
+        requests_per_second: median(runs.iter().map(|r| pick(r).requests_per_second).collect()),
+        p50_ms: median(runs.iter().map(|r| pick(r).p50_ms).collect()),
+        p99_ms: median(runs.iter().map(|r| pick(r).p99_ms).collect()),
+    };
+    let c1 = small(&runs, |r| &r.c1);
+    let c32 = small(&runs, |r| &r.c32);
+    let big_mib_s = median(runs.iter().map(|r| r.big_mib_s).collect());
+    let rss_mib = runs.iter().filter_map(|r| r.rss_mib).max_by(f64::total_cmp);
+    let first = runs.swap_remove(0);
+    Row {
+        name: first.name,
+        c1,
+        c32,
+        big_mib_s,
+        rss_mib,
     }
 }
 
