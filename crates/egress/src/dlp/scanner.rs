@@ -64,7 +64,8 @@ pub struct Scanner {
 struct Pass {
     /// Indices of the rules to run, in rule order.
     triggered: Vec<usize>,
-    /// Per fused rule slot, the sorted start offsets of its literal prefixes.
+    /// Per fused rule slot, the sorted start offsets of its literal prefixes (empty when
+    /// there was no hit at all).
     candidates: Vec<Vec<usize>>,
     /// Exact needle occurrences (span, needle index), overlapping ones included.
     needle_hits: Vec<(Range<usize>, usize)>,
@@ -313,7 +314,8 @@ impl Scanner {
         } = self.pass(bytes);
         let custody_spans = self.scan_custody(bytes, &needle_hits, host, location, &mut findings);
         for index in triggered {
-            let starts = self.fused_slot[index].map(|slot| candidates[slot].as_slice());
+            let starts = self.fused_slot[index]
+                .map(|slot| candidates.get(slot).map_or(&[][..], Vec::as_slice));
             self.run_rule(
                 index,
                 bytes,
@@ -389,7 +391,8 @@ impl Scanner {
         for &index in &self.unconditional {
             run[index] = true;
         }
-        let mut candidates: Vec<Vec<usize>> = vec![Vec::new(); self.fused_count];
+        // Allocated on the first prefix hit: most headers and URLs have none.
+        let mut candidates: Vec<Vec<usize>> = Vec::new();
         let mut needle_hits = Vec::new();
         if let Some(keywords) = &self.keywords {
             let mut seen = vec![false; self.keyword_count];
@@ -398,6 +401,9 @@ impl Scanner {
             for found in keywords.find_overlapping_iter(bytes) {
                 let pattern = found.pattern().as_usize();
                 for &slot in &self.prefix_slots[pattern] {
+                    if candidates.is_empty() {
+                        candidates = vec![Vec::new(); self.fused_count];
+                    }
                     candidates[slot].push(found.start());
                 }
                 for &needle in &self.needle_slots[pattern] {
@@ -988,7 +994,7 @@ mod tests {
             assert_eq!(actual, expected, "rule `{}`", rule.id);
             if let Some(slot) = scanner.fused_slot[index] {
                 fused_rules += 1;
-                let starts = Some(candidates[slot].as_slice());
+                let starts = Some(candidates.get(slot).map_or(&[][..], Vec::as_slice));
                 let fused = spans(&mut RuleMatches::new(regex, Some(split), starts, haystack));
                 assert_eq!(fused, expected, "rule `{}` (fused)", rule.id);
             }
