@@ -277,6 +277,36 @@ fn docker_claude_code_over_intercepted_tls_with_custody() {
         !contains(&saved.stdout, real_key.as_bytes()),
         "the real key is in the frozen image"
     );
+    // The interception CA's private key stays on the host, 0600, out of the bottle.
+    let ca_key_path = project.home.path().join(format!("ca/{slug}/ca-key.pem"));
+    let ca_key = std::fs::read_to_string(&ca_key_path).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&ca_key_path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let key_body: String = ca_key
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    let key_line = ca_key.lines().nth(1).unwrap();
+    assert!(!key_body.is_empty());
+    assert!(
+        !contains(&saved.stdout, key_line.as_bytes()),
+        "the CA key is in the frozen image"
+    );
+    let hits = grep_dir(
+        &project.home.path().join(format!("state/{slug}")),
+        key_line.as_bytes(),
+    );
+    assert!(
+        hits.is_empty(),
+        "the CA key is in the bottle's state (mounted into it): {hits:?}"
+    );
 
     // Resume continues the same conversation (`claude --continue`): the next request
     // carries the first prompt in its history.
