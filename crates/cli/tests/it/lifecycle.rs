@@ -274,23 +274,27 @@ bottles: plain
 ---
 "#;
 
-#[test]
-fn docker_sigterm_stops_the_bottle_and_keeps_the_audit() {
-    let project = Project::new();
+/// Starts the probing agent with `bot-bottle` as a direct child, once its first probe was
+/// answered by the gateway. Returns the child, the slug and the probe log.
+fn start_prober(project: &Project) -> (std::process::Child, String, std::path::PathBuf) {
     project
         .agent("prober", PROBE_AGENT)
         .bottle("plain", COMMAND_BOTTLE);
-    let child = direct(
-        &project,
-        &["start", "prober", "--headless", "--prompt", "x"],
-    )
-    .spawn()
-    .unwrap();
+    let child = direct(project, &["start", "prober", "--headless", "--prompt", "x"])
+        .spawn()
+        .unwrap();
     let probe_log = project.path().join("probe.log");
     wait_for("the first probe", || {
         std::fs::read_to_string(&probe_log).is_ok_and(|log| log.contains("403"))
     });
     let slug = project.state_dirs().pop().unwrap();
+    (child, slug, probe_log)
+}
+
+#[test]
+fn docker_sigterm_stops_the_bottle_and_keeps_the_audit() {
+    let project = Project::new();
+    let (child, slug, _) = start_prober(&project);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
         nix::sys::signal::Signal::SIGTERM,
@@ -321,20 +325,7 @@ fn docker_sigterm_stops_the_bottle_and_keeps_the_audit() {
 #[test]
 fn docker_gateway_death_fails_closed() {
     let project = Project::new();
-    project
-        .agent("prober", PROBE_AGENT)
-        .bottle("plain", COMMAND_BOTTLE);
-    let mut child = direct(
-        &project,
-        &["start", "prober", "--headless", "--prompt", "x"],
-    )
-    .spawn()
-    .unwrap();
-    let probe_log = project.path().join("probe.log");
-    wait_for("the first probe", || {
-        std::fs::read_to_string(&probe_log).is_ok_and(|log| log.contains("403"))
-    });
-    let slug = project.state_dirs().pop().unwrap();
+    let (mut child, slug, probe_log) = start_prober(&project);
     child.kill().unwrap();
     let _ = child.wait();
     let answered = std::fs::read_to_string(&probe_log).unwrap().lines().count();
