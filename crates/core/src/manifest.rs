@@ -99,6 +99,9 @@ pub struct AgentManifest {
     /// Standing instructions: the Markdown body.
     pub instructions: String,
     pub source: PathBuf,
+    /// The line of the `bottles:` key, so an unknown default bottle can be pointed at.
+    #[serde(skip)]
+    pub bottles_line: Option<usize>,
 }
 
 /// How a bottle's image is made: the built-in base plus packages, or a Dockerfile.
@@ -340,6 +343,11 @@ impl AgentManifest {
             description: front.description,
             instructions: body.trim().to_owned(),
             source: path.to_owned(),
+            // +2: the opening `---` is line 1.
+            bottles_line: yaml
+                .lines()
+                .position(|line| line.starts_with("bottles:"))
+                .map(|index| index + 2),
         })
     }
 }
@@ -501,16 +509,18 @@ impl Catalog {
     pub fn bottle(
         &self,
         name: &str,
-        referrer: Option<&Path>,
+        referrer: Option<(&Path, Option<usize>)>,
     ) -> Result<&BottleManifest, ManifestError> {
         self.bottles
             .get(name)
             .map(|(bottle, _)| bottle)
             .ok_or_else(|| ManifestError::UnknownBottle {
                 name: name.to_owned(),
-                referrer: referrer
-                    .map(|path| format!(" (named in `{}`)", path.display()))
-                    .unwrap_or_default(),
+                referrer: match referrer {
+                    Some((path, Some(line))) => format!(" (named at `{}:{line}`)", path.display()),
+                    Some((path, None)) => format!(" (named in `{}`)", path.display()),
+                    None => String::new(),
+                },
                 known: known_list(self.bottles.keys()),
             })
     }

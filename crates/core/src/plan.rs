@@ -236,7 +236,10 @@ pub fn plan(
     } else {
         spec.bottles.clone()
     };
-    let referrer = spec.bottles.is_empty().then_some(agent.source.as_path());
+    let referrer = spec
+        .bottles
+        .is_empty()
+        .then_some((agent.source.as_path(), agent.bottles_line));
     let bottles = bottle_names
         .iter()
         .map(|name| catalog.bottle(name, referrer))
@@ -575,6 +578,26 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("hint: pass `--bottle NAME`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_default_bottle_points_at_the_agent_line() {
+        let mut catalog = catalog();
+        let agent = AgentManifest::parse(
+            Path::new("/p/.bot-bottle/agents/typo.md"),
+            "---\nprovider: claude\nmodel: m\nbottles: dve\n---\n",
+        )
+        .unwrap();
+        catalog
+            .agents
+            .insert("typo".into(), (agent, Origin::Project));
+        let mut spec = spec();
+        spec.agent = "typo".into();
+        let err = plan(&spec, &catalog, &host()).unwrap_err().to_string();
+        assert!(
+            err.starts_with("unknown bottle `dve` (named at `/p/.bot-bottle/agents/typo.md:4`)"),
+            "{err}"
+        );
     }
 
     #[test]
