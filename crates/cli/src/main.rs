@@ -53,6 +53,8 @@ enum Command {
     /// Verify a signed provenance record offline, or export the signing public key
     #[command(subcommand)]
     Provenance(ProvenanceAction),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions { shell: clap_complete::Shell },
     /// In-bottle PID 1: forward loopback ports to host sockets and run the agent
     #[command(hide = true)]
     Shim(ShimArgs),
@@ -299,6 +301,16 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Bottles(args) => list_manifests(false, args.json),
         Command::Audit(args) => audit_command(args).await,
         Command::Provenance(action) => provenance_command(action),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "bot-bottle",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
         Command::Shim(_) => unreachable!("handled before the runtime starts"),
     }
 }

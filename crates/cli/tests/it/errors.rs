@@ -253,3 +253,15 @@ fn unknown_color() {
     ]);
     assert_error(&out, 78, &["unknown color `chartreuse`", "bright-cyan"]);
 }
+
+#[test]
+fn completions_are_generated() {
+    let out = std::process::Command::new(crate::common::bin())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let script = stdout(&out);
+    assert!(script.contains("complete -F _bot__bottle"), "{script}");
+    assert!(script.contains("freeze"), "{script}");
+}
