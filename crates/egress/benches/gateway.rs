@@ -8,10 +8,14 @@
 //!   DLP rule set, in its own process (so its peak RSS is its own).
 //!
 //! `cargo bench -p bot-bottle-egress --bench gateway -- [--seconds N] [--big N] [--rounds N]
-//! [--skip-others]`, or `scripts/bench-gateway.sh`. With `--rounds N` every path is
-//! measured N times, interleaved (direct, squid, mitmdump, gateway, direct, …), and each
-//! figure is the median over the rounds: on a shared machine the load drifts between one
-//! path's run and the next, and interleaving keeps the ratios from riding on that drift.
+//! [--skip-others]`, or `scripts/bench-gateway.sh`. Every path is measured `--rounds` times
+//! (default 5, `--seconds` 2 per small-GET run): within a round each measurement is taken
+//! for every path back to back (direct c=1, gateway c=1, direct c=32, …), so a ratio
+//! compares runs a few seconds apart. Ratios are computed per round and printed as the
+//! median with the smallest and largest round; the table shows per-path medians. On a
+//! shared machine the load drifts, and this keeps the ratios from riding on that drift.
+//! Both paths are treated alike: one client process, one keep-alive TLS connection per
+//! worker, reused for every request, `TCP_NODELAY` on, the same request headers.
 //! `--skip-others` measures only direct and the gateway. Everything listens on 127.0.0.1;
 //! nothing leaves the host.
 
@@ -490,9 +494,9 @@ fn main() {
         serve_origin(Path::new(&args[1]));
         return;
     }
-    let mut seconds = 3.0;
+    let mut seconds = 2.0;
     let mut big_count = 40;
-    let mut rounds = 1usize;
+    let mut rounds = 5usize;
     let mut others = true;
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
@@ -568,6 +572,7 @@ fn start_origin(dir: &Path) -> (Child, SocketAddr, String) {
 }
 
 async fn run(seconds: f64, big_count: usize, rounds: usize, others: bool) {
+    let load_before = load_average();
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut origin_child, origin, origin_ca_pem) = start_origin(dir.path());
     let origin_ca = dir.path().join("origin-ca.pem");
@@ -613,16 +618,42 @@ async fn run(seconds: f64, big_count: usize, rounds: usize, others: bool) {
         };
         routes.push((proxy.name, route, Some(proxy.child.id())));
     }
+    // Finest interleaving: within a round each measurement (c=1, c=32, 1 MiB) is taken for
+    // every path back to back, so a ratio compares runs seconds apart, not a minute apart.
     let mut runs: Vec<Vec<Row>> = routes.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         if rounds > 1 {
             eprintln!("round {} of {rounds}", round + 1);
         }
-        for ((name, route, pid), runs) in routes.iter().zip(&mut runs) {
-            runs.push(measure(name, route, seconds, big_count, *pid).await);
+        let mut c1s = Vec::new();
+        for (name, route, _) in &routes {
+            eprintln!("  {name}: c=1");
+            c1s.push(small(route, 1, seconds).await);
+        }
+        let mut c32s = Vec::new();
+        for (name, route, _) in &routes {
+            eprintln!("  {name}: c=32");
+            c32s.push(small(route, 32, seconds).await);
+        }
+        let mut bigs = Vec::new();
+        for (name, route, _) in &routes {
+            eprintln!("  {name}: 1 MiB");
+            bigs.push(big(route, big_count).await);
+        }
+        for (((((name, _, pid), runs), c1), c32), big_mib_s) in
+            routes.iter().zip(&mut runs).zip(c1s).zip(c32s).zip(bigs)
+        {
+            runs.push(Row {
+                name,
+                c1,
+                c32,
+                big_mib_s,
+                rss_mib: pid.and_then(peak_rss_mib),
+            });
         }
     }
-    let rows: Vec<Row> = runs.into_iter().map(median_row).collect();
+    let per_round: Vec<Vec<Row>> = runs;
+    let rows: Vec<Row> = per_round.iter().map(|r| median_row(r)).collect();
     for mut proxy in proxies {
         let _ = proxy.child.kill();
         let _ = proxy.child.wait();
@@ -658,17 +689,36 @@ async fn run(seconds: f64, big_count: usize, rounds: usize, others: bool) {
                 .map_or("-".to_string(), |r| format!("{r:.1} MiB")),
         );
     }
-    let find = |name: &str| rows.iter().find(|r| r.name == name);
-    let (Some(direct), Some(gateway)) = (find("direct"), find("gateway")) else {
+    let index = |name: &str| rows.iter().position(|r| r.name == name);
+    let (Some(d), Some(g)) = (index("direct"), index("gateway")) else {
         return;
     };
+    let (direct, gateway) = (&rows[d], &rows[g]);
     println!();
-    println!("gateway: 20-rule policy, {gitleaks}, audit level `blocks`");
     println!(
-        "ratios (target):  gateway/direct small c=1 {:.2}x, c=32 {:.2}x (>= 0.5x);  1 MiB {:.2}x (>= 0.7x)",
-        gateway.c1.requests_per_second / direct.c1.requests_per_second,
-        gateway.c32.requests_per_second / direct.c32.requests_per_second,
-        gateway.big_mib_s / direct.big_mib_s
+        "gateway: 20-rule policy, {gitleaks}, audit level `blocks`; machine load before/after: {load_before} / {}",
+        load_average()
+    );
+    println!(
+        "ratios are per round (each path measured seconds apart), shown as median [min-max] over {rounds} round(s)"
+    );
+    let ratio = |of: usize, to: usize, pick: fn(&Row) -> f64| {
+        Spread::of(
+            per_round[of]
+                .iter()
+                .zip(&per_round[to])
+                .map(|(a, b)| pick(a) / pick(b))
+                .collect(),
+        )
+    };
+    let c1 = |r: &Row| r.c1.requests_per_second;
+    let c32 = |r: &Row| r.c32.requests_per_second;
+    let mib = |r: &Row| r.big_mib_s;
+    println!(
+        "gateway/direct (target >= 0.5x small, >= 0.7x 1 MiB): c=1 {}, c=32 {}, 1 MiB {}",
+        ratio(g, d, c1),
+        ratio(g, d, c32),
+        ratio(g, d, mib)
     );
     println!(
         "added p50 latency at c=1: {:.3} ms (<= 1 ms);  gateway peak RSS {} (<= 20 MB)",
@@ -677,26 +727,67 @@ async fn run(seconds: f64, big_count: usize, rounds: usize, others: bool) {
             .rss_mib
             .map_or("-".into(), |r| format!("{r:.1} MiB"))
     );
-    if let Some(mitm) = find("mitmdump") {
+    if let Some(m) = index("mitmdump") {
         println!(
-            "gateway/mitmdump throughput: c=1 {:.1}x, c=32 {:.1}x, 1 MiB {:.1}x (>= 10x)",
-            gateway.c1.requests_per_second / mitm.c1.requests_per_second,
-            gateway.c32.requests_per_second / mitm.c32.requests_per_second,
-            gateway.big_mib_s / mitm.big_mib_s
+            "gateway/mitmdump (target >= 10x): c=1 {}, c=32 {}, 1 MiB {}",
+            ratio(g, m, c1),
+            ratio(g, m, c32),
+            ratio(g, m, mib)
         );
     }
-    if let Some(squid) = find("squid") {
+    if let Some(s) = index("squid") {
         println!(
-            "gateway/squid (squid does not intercept): c=1 {:.2}x, c=32 {:.2}x, 1 MiB {:.2}x",
-            gateway.c1.requests_per_second / squid.c1.requests_per_second,
-            gateway.c32.requests_per_second / squid.c32.requests_per_second,
-            gateway.big_mib_s / squid.big_mib_s
+            "gateway/squid (squid does not intercept): c=1 {}, c=32 {}, 1 MiB {}",
+            ratio(g, s, c1),
+            ratio(g, s, c32),
+            ratio(g, s, mib)
         );
+    }
+    println!(
+        "direct itself across rounds: c=1 {} req/s, c=32 {} req/s, 1 MiB {} MB/s",
+        Spread::of(per_round[d].iter().map(c1).collect()),
+        Spread::of(per_round[d].iter().map(c32).collect()),
+        Spread::of(per_round[d].iter().map(mib).collect())
+    );
+}
+
+/// A median with the smallest and largest value, for printing.
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(mut values: Vec<f64>) -> Spread {
+        values.sort_by(f64::total_cmp);
+        Spread {
+            median: values[values.len() / 2],
+            min: values[0],
+            max: values[values.len() - 1],
+        }
     }
 }
 
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.median >= 100.0 {
+            write!(f, "{:.0} [{:.0}-{:.0}]", self.median, self.min, self.max)
+        } else {
+            write!(f, "{:.2}x [{:.2}-{:.2}]", self.median, self.min, self.max)
+        }
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
 /// Per figure, the median over the rounds; peak RSS is the highest seen.
-fn median_row(mut runs: Vec<Row>) -> Row {
+fn median_row(runs: &[Row]) -> Row {
     fn median(mut values: Vec<f64>) -> f64 {
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
@@ -706,36 +797,15 @@ fn median_row(mut runs: Vec<Row>) -> Row {
         p50_ms: median(runs.iter().map(|r| pick(r).p50_ms).collect()),
         p99_ms: median(runs.iter().map(|r| pick(r).p99_ms).collect()),
     };
-    let c1 = small(&runs, |r| &r.c1);
-    let c32 = small(&runs, |r| &r.c32);
+    let c1 = small(runs, |r| &r.c1);
+    let c32 = small(runs, |r| &r.c32);
     let big_mib_s = median(runs.iter().map(|r| r.big_mib_s).collect());
     let rss_mib = runs.iter().filter_map(|r| r.rss_mib).max_by(f64::total_cmp);
-    let first = runs.swap_remove(0);
     Row {
-        name: first.name,
+        name: runs[0].name,
         c1,
         c32,
         big_mib_s,
         rss_mib,
-    }
-}
-
-async fn measure(
-    name: &'static str,
-    route: &Route,
-    seconds: f64,
-    big_count: usize,
-    pid: Option<u32>,
-) -> Row {
-    eprintln!("measuring {name} ...");
-    let c1 = small(route, 1, seconds).await;
-    let c32 = small(route, 32, seconds).await;
-    let big_mib_s = big(route, big_count).await;
-    Row {
-        name,
-        c1,
-        c32,
-        big_mib_s,
-        rss_mib: pid.and_then(peak_rss_mib),
     }
 }
