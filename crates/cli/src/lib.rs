@@ -199,6 +199,7 @@ impl Client {
             gateway: self.gateway.clone(),
             confirm: None,
             agent_stdout_to_stderr: false,
+            remove_after: false,
         }
     }
 
@@ -320,6 +321,7 @@ pub fn launch_options(home: Home, quiet: bool) -> Result<LaunchOptions, BottleEr
         gateway: GatewaySettings::from_env()?,
         confirm: None,
         agent_stdout_to_stderr: false,
+        remove_after: false,
     })
 }
 

@@ -85,6 +85,10 @@ struct StartArgs {
     /// Copy the current directory into the bottle instead of bind-mounting it
     #[arg(long)]
     cwd: bool,
+    /// Remove the bottle when the agent exits (its audit log is kept in
+    /// $BOT_BOTTLE_HOME/audit/); without it the bottle is kept for freeze/resume
+    #[arg(long)]
+    rm: bool,
     /// Print the plan and launch nothing (also BOT_BOTTLE_DRY_RUN=1)
     #[arg(long)]
     dry_run: bool,
@@ -409,6 +413,7 @@ async fn start(args: StartArgs) -> Result<i32, Failure> {
     }
     let mut options = launch_options(home, args.json)?;
     options.agent_stdout_to_stderr = args.json;
+    options.remove_after = args.rm;
     if interactive {
         options.confirm = Some(Box::new(confirm_plan));
     }
@@ -627,7 +632,11 @@ fn list_manifests(agents: bool, json: bool) -> Result<i32, Failure> {
 fn audit_path(slug: &str) -> Result<PathBuf, Failure> {
     let home = Home::from_env().map_err(RuntimeError::from)?;
     let bottle = home.bottle(slug).map_err(RuntimeError::from)?;
-    let path = bottle.egress_log();
+    let mut path = bottle.egress_log();
+    if !path.exists() {
+        // A destroyed bottle's log is archived, not deleted.
+        path = home.archived_audit(slug).map_err(RuntimeError::from)?;
+    }
     if !path.exists() {
         return Err(Failure {
             code: exit_codes::STATE,

@@ -85,6 +85,17 @@ impl Home {
         self.root.join("bot-bottle.db")
     }
 
+    /// Where a destroyed bottle's audit log is kept: `audit/<slug>.jsonl`. Destroying a
+    /// bottle removes its state, never its record of what it sent out.
+    pub fn archived_audit(&self, slug: &str) -> Result<PathBuf, StateError> {
+        if !is_valid_slug(slug) {
+            return Err(StateError::BadSlug {
+                slug: slug.to_owned(),
+            });
+        }
+        Ok(self.root.join("audit").join(format!("{slug}.jsonl")))
+    }
+
     #[must_use]
     pub fn state_root(&self) -> PathBuf {
         self.root.join("state")

@@ -174,6 +174,9 @@ pub struct LaunchOptions {
     pub confirm: Option<Confirm>,
     /// Send the agent's stdout to this process's stderr, keeping stdout for `--json`.
     pub agent_stdout_to_stderr: bool,
+    /// Remove the bottle after its session (container, state; the audit log is archived)
+    /// instead of keeping it for `freeze`/`resume`.
+    pub remove_after: bool,
 }
 
 /// The result of one agent session.
@@ -466,8 +469,11 @@ pub async fn launch(
         sessions: previous.as_ref().map_or(0, |p| p.sessions),
     };
     bottle.write_metadata(&metadata)?;
-    // Every session is kept until `destroy`, so `freeze` and `resume` can follow it.
-    bottle.mark_preserved()?;
+    // A session is kept until `destroy` (so `freeze` and `resume` can follow it) unless
+    // the caller asked for `--rm`.
+    if !options.remove_after {
+        bottle.mark_preserved()?;
+    }
 
     let result = run_session(spec, &plan, &bottle, &engine, options, &mut metadata).await;
     metadata.updated_at = now();
@@ -485,6 +491,17 @@ pub async fn launch(
     }
     bottle.write_metadata(&metadata)?;
     let exit_code = result?;
+    // `--rm`, or a bottle someone else marked to keep: never remove what is preserved.
+    if !bottle.is_preserved() {
+        destroy(&options.home, &slug, progress).await?;
+        let audit_log = options.home.archived_audit(&slug)?;
+        progress.step(&format!("agent exited {exit_code}; bottle removed (--rm)"));
+        return Ok(SessionOutcome {
+            slug,
+            exit_code,
+            audit_log,
+        });
+    }
     progress.step(&format!(
         "agent exited {exit_code}; audit log: {}",
         bottle.egress_log().display()
@@ -700,6 +717,19 @@ pub async fn destroy(home: &Home, slug: &str, progress: &Progress) -> Result<(),
     }
     if bottle.exists() {
         progress.step(&format!("removing state of {slug}"));
+    }
+    let log = bottle.egress_log();
+    if log.exists() {
+        let archive = home.archived_audit(slug)?;
+        if let Some(dir) = archive.parent() {
+            bot_bottle_core::state::create_private_dir(dir)?;
+        }
+        // Same filesystem (both under the home): a rename, atomic.
+        fs_err::rename(&log, &archive).map_err(|source| RuntimeError::Io {
+            path: log.clone(),
+            source,
+        })?;
+        progress.step(&format!("audit log kept at {}", archive.display()));
     }
     bottle.remove()?;
     let ca_dir = home.ca_dir().join(slug);

@@ -71,6 +71,11 @@ fn docker_start_freeze_resume_destroy() {
     let out = project.run(&["destroy", &slug]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(project.state_dirs().is_empty(), "state dir left behind");
+    // The record of what the bottle sent out outlives it.
+    let archived = project.home.path().join(format!("audit/{slug}.jsonl"));
+    assert!(archived.is_file(), "the audit log was not archived");
+    let verify = project.run(&["audit", "verify", &slug]);
+    assert_eq!(verify.status.code(), Some(0), "{}", stderr(&verify));
     let out = project.run(&["ps", "--json"]);
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
@@ -350,4 +355,45 @@ fn docker_gateway_death_fails_closed() {
         stderr(&verify)
     );
     // Project's Drop destroys the orphan.
+}
+
+#[test]
+fn docker_rm_removes_the_bottle_and_keeps_its_audit_log() {
+    let project = Project::new();
+    project
+        .agent("exiter", "---\nprovider: command\ncommand: [\"bash\", \"-c\", \"curl -s -o /dev/null http://blocked.example/; exit 4\"]\nbottles: plain\n---\n")
+        .bottle("plain", COMMAND_BOTTLE);
+    let out = project.run(&[
+        "start",
+        "exiter",
+        "--headless",
+        "--prompt",
+        "x",
+        "--rm",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let slug = slug_of(&out);
+    assert!(project.state_dirs().is_empty(), "--rm left state behind");
+    let containers = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=dev.bot-bottle.slug={slug}"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        stdout(&containers).trim(),
+        "",
+        "--rm left the container behind"
+    );
+    let audit = project.run(&["audit", &slug, "--json"]);
+    assert_eq!(audit.status.code(), Some(0), "{}", stderr(&audit));
+    assert!(
+        stdout(&audit).contains("blocked.example"),
+        "{}",
+        stdout(&audit)
+    );
 }
