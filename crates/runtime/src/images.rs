@@ -9,6 +9,7 @@
 //!   then works). That trust is removed again before the build ends: at run time a
 //!   bottle trusts only the system store and its own gateway CA.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -149,36 +150,56 @@ pub async fn ensure_base_image(
     ));
     let work = tempfile_dir()?;
     let tarball = work.join("rootfs.tar");
-    let status = tokio::process::Command::new("mmdebstrap")
-        .arg("--variant=apt")
-        .arg(format!("--include={}", BASE_PACKAGES.join(",")))
-        .arg("--aptopt=Acquire::Retries \"5\"")
-        .arg("--aptopt=Acquire::http::Timeout \"60\"")
-        .arg(BASE_SUITE)
-        .arg(&tarball)
-        .arg(&mirror)
-        .stdin(Stdio::null())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .status()
-        .await;
-    let status = match status {
-        Ok(status) => status,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            return Err(DockerError::NoMmdebstrap);
+    // apt retries single downloads; a whole run can still fail on a flaky mirror, so the
+    // run is retried too, with a pause, before the launch gives up.
+    const ATTEMPTS: u32 = 3;
+    let mut attempt = 1;
+    loop {
+        let status = tokio::process::Command::new("mmdebstrap")
+            .arg("--variant=apt")
+            .arg(format!("--include={}", BASE_PACKAGES.join(",")))
+            .arg("--aptopt=Acquire::Retries \"5\"")
+            .arg("--aptopt=Acquire::http::Timeout \"60\"")
+            .arg(BASE_SUITE)
+            .arg(&tarball)
+            .arg(&mirror)
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .status();
+        // A hung mirror must not hang the launch: 15 minutes is ten times a slow build.
+        let status = match tokio::time::timeout(std::time::Duration::from_secs(900), status).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(err)) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(DockerError::NoMmdebstrap);
+            }
+            Ok(Err(source)) => {
+                return Err(DockerError::Io {
+                    path: PathBuf::from("mmdebstrap"),
+                    source,
+                });
+            }
+            Err(_) => {
+                progress.step("mmdebstrap took longer than 15 minutes; stopped it");
+                std::process::ExitStatus::from_raw(124 << 8)
+            }
+        };
+        if status.success() {
+            break;
         }
-        Err(source) => {
-            return Err(DockerError::Io {
-                path: PathBuf::from("mmdebstrap"),
-                source,
+        if attempt == ATTEMPTS {
+            let _ = std::fs::remove_dir_all(&work);
+            return Err(DockerError::Mmdebstrap {
+                code: status.code().unwrap_or(-1),
             });
         }
-    };
-    if !status.success() {
-        let _ = std::fs::remove_dir_all(&work);
-        return Err(DockerError::Mmdebstrap {
-            code: status.code().unwrap_or(-1),
-        });
+        progress.step(&format!(
+            "mmdebstrap failed (exit {}), attempt {attempt} of {ATTEMPTS}; retrying",
+            status.code().unwrap_or(-1)
+        ));
+        tokio::time::sleep(std::time::Duration::from_secs(u64::from(attempt) * 10)).await;
+        attempt += 1;
     }
     let imported = engine.import_rootfs(&tarball, &tag, progress).await;
     let _ = std::fs::remove_dir_all(&work);
