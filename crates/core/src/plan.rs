@@ -69,6 +69,9 @@ pub struct HostFacts {
     /// Contents of each Dockerfile a bottle names, keyed by path.
     pub dockerfiles: BTreeMap<PathBuf, String>,
     pub default_backend: String,
+    /// `<cwd>/.bot-bottle`, when it exists: mounted read-only over the workspace's copy so
+    /// the agent cannot rewrite the manifests that decide its next session's policy.
+    pub workspace_manifests: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -330,7 +333,7 @@ pub fn plan(
             host: spec.cwd.clone(),
         }
     };
-    let mounts = composed
+    let mut mounts: Vec<MountPlan> = composed
         .mounts
         .iter()
         .map(|mount| MountPlan {
@@ -339,6 +342,13 @@ pub fn plan(
             readonly: mount.readonly,
         })
         .collect();
+    if let (Workspace::Bind { .. }, Some(manifests)) = (&workspace, &host.workspace_manifests) {
+        mounts.push(MountPlan {
+            source: manifests.clone(),
+            target: PathBuf::from(WORKSPACE).join(".bot-bottle"),
+            readonly: true,
+        });
+    }
 
     Ok(BottlePlan {
         identity: spec.identity.clone(),
@@ -625,6 +635,24 @@ mod tests {
             plan(&good, &catalog(), &host()).unwrap().color.as_deref(),
             Some("bright-cyan")
         );
+    }
+
+    #[test]
+    fn workspace_manifests_are_mounted_read_only_over_a_bind_mounted_workspace() {
+        let mut host = host();
+        host.workspace_manifests = Some(PathBuf::from("/w/.bot-bottle"));
+        let bound = plan(&spec(), &catalog(), &host).unwrap();
+        assert_eq!(
+            bound.mounts,
+            vec![MountPlan {
+                source: PathBuf::from("/w/.bot-bottle"),
+                target: PathBuf::from("/workspace/.bot-bottle"),
+                readonly: true,
+            }]
+        );
+        let mut copied = spec();
+        copied.copy_cwd = true;
+        assert!(plan(&copied, &catalog(), &host).unwrap().mounts.is_empty());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use bot_bottle_core::manifest::{Catalog, ManifestError};
+use bot_bottle_core::manifest::{Catalog, ManifestError, Origin};
 use bot_bottle_core::plan::{
     BottlePlan, BottleSpec, GATEWAY_SOCKET, HostFacts, PlanError, Workspace, plan,
 };
@@ -197,24 +197,85 @@ pub fn agent_uid_for_host() -> u32 {
     }
 }
 
+/// The manifests a bottle was started with, copied into its state: `resume` reads these,
+/// not the workspace, because the agent can write the workspace (and with it any
+/// `.bot-bottle/` there) and must not widen its own policy for the next session.
+fn manifest_snapshot(bottle: &BottleDir) -> PathBuf {
+    bottle.path().join("manifests")
+}
+
+/// The manifests a launch resolves against: a resumed bottle's own snapshot when it has
+/// one, else the nearest `.bot-bottle/` and `$BOT_BOTTLE_HOME`.
+fn load_catalog(spec: &BottleSpec, home: &Home) -> Result<Catalog, RuntimeError> {
+    if let Some(slug) = &spec.identity {
+        let snapshot = manifest_snapshot(&home.bottle(slug)?);
+        if snapshot.is_dir() {
+            return Ok(Catalog::from_roots(vec![(snapshot, Origin::Project)])?);
+        }
+    }
+    Ok(Catalog::resolve(&spec.cwd, home.root())?)
+}
+
 /// Loads the manifests and resolves the plan (pure apart from reading files).
 pub fn make_plan(spec: &BottleSpec, home: &Home) -> Result<BottlePlan, RuntimeError> {
-    let catalog = Catalog::resolve(&spec.cwd, home.root())?;
+    plan_with(spec, &load_catalog(spec, home)?)
+}
+
+fn plan_with(spec: &BottleSpec, catalog: &Catalog) -> Result<BottlePlan, RuntimeError> {
+    let manifests = spec.cwd.join(".bot-bottle");
     let mut host = HostFacts {
         agent_uid: agent_uid_for_host(),
         default_backend: "docker".to_owned(),
+        workspace_manifests: manifests.is_dir().then_some(manifests),
         ..HostFacts::default()
     };
     for (bottle, _) in catalog.bottles.values() {
         if let Some(path) = &bottle.front.image.dockerfile {
-            let text = fs_err::read_to_string(path).map_err(|source| RuntimeError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let text = match fs_err::read_to_string(path) {
+                Ok(text) => text,
+                // A resumed bottle runs its frozen image; its Dockerfile only names the
+                // original image, and a snapshot does not carry it.
+                Err(_) if spec.resume_image.is_some() => String::new(),
+                Err(source) => {
+                    return Err(RuntimeError::Io {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            };
             host.dockerfiles.insert(path.clone(), text);
         }
     }
-    Ok(plan(spec, &catalog, &host)?)
+    Ok(plan(spec, catalog, &host)?)
+}
+
+/// Copies the manifests this plan used into the bottle's state (see
+/// [`manifest_snapshot`]).
+fn snapshot_manifests(
+    bottle: &BottleDir,
+    catalog: &Catalog,
+    plan: &BottlePlan,
+) -> Result<(), RuntimeError> {
+    let root = manifest_snapshot(bottle);
+    let mut sources = Vec::new();
+    sources.push(("agents", catalog.agent(&plan.agent)?.source.clone()));
+    for name in &plan.bottles {
+        sources.push(("bottles", catalog.bottle(name, None)?.source.clone()));
+    }
+    for (kind, source) in sources {
+        let dir = root.join(kind);
+        fs_err::create_dir_all(&dir).map_err(|source| RuntimeError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let text = fs_err::read(&source).map_err(|err| RuntimeError::Io {
+            path: source.clone(),
+            source: err,
+        })?;
+        let name = source.file_name().unwrap_or_default();
+        bot_bottle_core::state::write_atomic(&dir.join(name), &text, 0o600)?;
+    }
+    Ok(())
 }
 
 /// The label slugs of bottles that are running now (for headless label uniquifying).
@@ -430,7 +491,8 @@ pub async fn launch(
     options: &LaunchOptions,
 ) -> Result<SessionOutcome, RuntimeError> {
     let progress = &options.progress;
-    let mut plan = make_plan(spec, &options.home)?;
+    let catalog = load_catalog(spec, &options.home)?;
+    let mut plan = plan_with(spec, &catalog)?;
     check_workspace_writable(&plan)?;
     if let Some(confirm) = &options.confirm
         && !confirm(&plan)
@@ -448,6 +510,9 @@ pub async fn launch(
     let bottle = options.home.bottle(&slug)?;
     bottle.create()?;
     let previous = bottle.read_metadata()?;
+    if previous.is_none() {
+        snapshot_manifests(&bottle, &catalog, &plan)?;
+    }
     let mut metadata = Metadata {
         identity: slug.clone(),
         label: plan.label.clone(),

@@ -207,3 +207,70 @@ fn docker_dlp_log_action_lets_the_request_out_and_audits_it() {
     assert!(stderr(&out).contains("no-such-rule"), "{}", stderr(&out));
     assert!(stderr(&out).contains("hint:"), "{}", stderr(&out));
 }
+
+/// The agent can write its workspace, and the workspace holds `.bot-bottle/`. It must not
+/// be able to widen the policy of its next session: the manifests are mounted read-only,
+/// and `resume` reads the manifests the bottle was started with, not the workspace's.
+#[test]
+fn docker_agent_cannot_rewrite_its_own_policy() {
+    let project = Project::new();
+    let script = r#"
+if [ "$BOT_BOTTLE_PROMPT" = first ]; then
+  if echo '  - host: blocked.example' >> /workspace/.bot-bottle/bottles/plain.md 2>/dev/null; then
+    echo REWROTE
+  else
+    echo READ-ONLY
+  fi
+fi
+echo "STATUS $(curl -s -m 10 -o /dev/null -w '%{http_code}' http://blocked.example/)"
+"#;
+    let agent = format!(
+        "---\nprovider: command\ncommand: [\"bash\", \"-c\", {}]\nbottles: plain\n---\n",
+        serde_json::to_string(script).unwrap()
+    );
+    project.agent("rewriter", &agent).bottle(
+        "plain",
+        "---\negress:\n  rules:\n    - host: allowed.example\n---\n",
+    );
+    // The agent's uid owns the manifests (as on a laptop, where it is the user's uid), so
+    // only the read-only mount stands between it and them.
+    if nix::unistd::getuid().is_root() {
+        let owner = Some(nix::unistd::Uid::from_raw(crate::common::AGENT_UID));
+        let group = Some(nix::unistd::Gid::from_raw(crate::common::AGENT_UID));
+        for path in [
+            ".bot-bottle",
+            ".bot-bottle/bottles",
+            ".bot-bottle/bottles/plain.md",
+        ] {
+            nix::unistd::chown(&project.path().join(path), owner, group).unwrap();
+        }
+    }
+    let out = project.run(&[
+        "start",
+        "rewriter",
+        "--headless",
+        "--prompt",
+        "first",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("READ-ONLY"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("STATUS 403"), "{}", stderr(&out));
+    let slug = crate::common::slug_of(&out);
+
+    // Someone (the agent through another path, or a careless edit) widens the workspace
+    // manifest; the bottle's own snapshot still decides its resumed session.
+    let manifest = project.path().join(".bot-bottle/bottles/plain.md");
+    std::fs::write(
+        &manifest,
+        "---\negress:\n  rules:\n    - host: allowed.example\n    - host: blocked.example\n---\n",
+    )
+    .unwrap();
+    let out = project.run(&["resume", &slug, "--headless", "--prompt", "again"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        crate::common::stdout(&out).contains("STATUS 403"),
+        "resume used the rewritten manifest: {}",
+        crate::common::stdout(&out)
+    );
+}
