@@ -601,9 +601,7 @@ async fn run_session(
 
     let socket = bottle.run_dir().join(GATEWAY_SOCKET);
     let ca_dir = options.home.ca_dir().join(bottle.slug());
-    tracing::debug!("preparing the gateway");
     let prepared = crate::gateway::prepare(plan, bottle, &socket, &options.gateway, &ca_dir)?;
-    tracing::debug!("gateway prepared");
     let ca_pem = prepared.ca_pem().to_owned();
     for warning in prepared.warnings() {
         progress.step(&format!("warning: {warning}"));
@@ -626,10 +624,8 @@ async fn run_session(
         "starting bottle {} (network: none; egress via gateway only)",
         bottle.slug()
     ));
-    // The gateway starts (its DLP rules compile) while the engine creates the container;
-    // the container starts only once both are done.
-    // Its own task: starting does CPU work (rule compilation) that must not hold up this
-    // task's calls to the engine.
+    // The gateway starts on its own task (starting is CPU work: DLP rules compile) while
+    // the engine creates the container; the container starts only once both are done.
     let serving = tokio::spawn(prepared.serve());
     let container_id = engine.create(&name, config).await?;
     tracing::debug!("container created");
