@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -178,6 +178,8 @@ pub(crate) struct Shared {
     pub(crate) over_cap: OverCap,
     connections: Arc<tokio::sync::Semaphore>,
     pub(crate) limits: Limits,
+    /// hyper's header-read and keep-alive deadlines (see [`crate::timer`]).
+    pub(crate) timer: crate::timer::CoarseTimer,
     audit_failed: std::sync::atomic::AtomicBool,
     /// Wakes [`GatewayHandle::failed`] when the gateway can no longer do its job.
     failure: tokio::sync::Notify,
@@ -311,6 +313,7 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         over_cap: config.dlp_over_cap,
         connections: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
         limits: config.limits,
+        timer: crate::timer::CoarseTimer::default(),
         audit_failed: std::sync::atomic::AtomicBool::new(false),
         failure: tokio::sync::Notify::new(),
     });
@@ -563,7 +566,7 @@ where
         async move { Ok::<_, Infallible>(handle_proxy_request(shared, req).await) }
     });
     let connection = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
+        .timer(shared.timer.clone())
         .header_read_timeout(shared.limits.header_read_timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();

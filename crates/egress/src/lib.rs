@@ -10,6 +10,7 @@ pub mod dlp;
 mod forward;
 mod gateway;
 mod mitm;
+mod timer;
 pub mod tls;
 mod tunnel;
 mod upstream;

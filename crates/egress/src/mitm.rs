@@ -16,7 +16,7 @@ use hyper::client::conn::{http1, http2};
 use hyper::header::{self, HeaderValue};
 use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -59,7 +59,7 @@ async fn handshake_sender(shared: &Shared, stream: TlsStream<TcpStream>) -> Resu
     let mut shutdown = shared.shutdown_signal();
     if h2 {
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
+            .timer(shared.timer.clone())
             .handshake(io)
             .await
             .map_err(|e| e.to_string())?;
@@ -311,7 +311,7 @@ pub(crate) async fn intercept(
     let mut shutdown = shared.shutdown_signal();
     if client_h2 {
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
+            .timer(shared.timer.clone())
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .max_concurrent_streams(128)
             .serve_connection(io, service);
@@ -321,7 +321,7 @@ pub(crate) async fn intercept(
         }
     } else {
         let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
+            .timer(shared.timer.clone())
             .header_read_timeout(shared.limits.header_read_timeout)
             .serve_connection(io, service)
             .with_upgrades();
