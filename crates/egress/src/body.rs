@@ -149,7 +149,9 @@ where
         R: tokio::io::AsyncRead + Unpin,
         W: tokio::io::AsyncWrite + Unpin,
     {
-        let mut buf = vec![0u8; 16 * 1024];
+        // 64 KiB: four full TLS records per read, so a bulk transfer costs a quarter of
+        // the syscalls a 16 KiB buffer would.
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
             match from.read(&mut buf).await {
                 Ok(0) | Err(_) => break,

@@ -312,8 +312,8 @@ pub(crate) async fn process(
             .await
         }
         Route::Tunnel(tunnel) => {
-            let scheme_uri = format!("https://{authority}{path_and_query}");
-            *upstream_request.uri_mut() = scheme_uri
+            // Origin form here; an HTTP/2 upstream gets the absolute form from `send`.
+            *upstream_request.uri_mut() = path_and_query
                 .parse()
                 .unwrap_or_else(|_| hyper::Uri::from_static("/"));
             if let Ok(value) = HeaderValue::from_str(&authority) {

@@ -103,6 +103,7 @@ async fn upstream_tls(
 }
 
 impl TunnelUpstream {
+    /// Sends `request`, which carries an origin-form URI and the `Host` to use.
     pub(crate) async fn send(
         &self,
         mut request: Request<ProxyBody>,
@@ -120,7 +121,16 @@ impl TunnelUpstream {
                     drop(slot);
                     // HTTP/2 carries the authority in the URI; a Host header would be a
                     // second, possibly different, copy.
-                    request.headers_mut().remove(header::HOST);
+                    let authority = request
+                        .headers_mut()
+                        .remove(header::HOST)
+                        .and_then(|host| host.to_str().ok().map(str::to_owned))
+                        .unwrap_or_else(|| self.host.clone());
+                    let path_and_query =
+                        request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+                    *request.uri_mut() = format!("https://{authority}{path_and_query}")
+                        .parse()
+                        .unwrap_or_else(|_| hyper::Uri::from_static("/"));
                     *request.version_mut() = Version::HTTP_2;
                     return sender
                         .send_request(request)
@@ -132,13 +142,6 @@ impl TunnelUpstream {
                         *slot = None;
                         continue;
                     }
-                    let origin_form = request
-                        .uri()
-                        .path_and_query()
-                        .map_or("/", |pq| pq.as_str())
-                        .parse()
-                        .unwrap_or_else(|_| hyper::Uri::from_static("/"));
-                    *request.uri_mut() = origin_form;
                     // Held until the response head arrives: HTTP/1.1 is one exchange at a
                     // time.
                     match sender.try_send_request(request).await {
