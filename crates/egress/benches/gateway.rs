@@ -197,9 +197,24 @@ struct SmallResult {
     requests_per_second: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// CPU time (user + system) per request of each process in `small`'s `pids`, in µs.
+    cpu_us: Vec<f64>,
 }
 
-async fn small(route: &Route, concurrency: usize, seconds: f64) -> SmallResult {
+/// User plus system CPU time of a process so far, in clock ticks (`/proc/PID/stat`).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Clock ticks per second for `/proc` times; 100 on every Linux this runs on.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// `pids`: processes whose CPU time per request is reported (origin, client, proxy).
+async fn small(route: &Route, concurrency: usize, seconds: f64, pids: &[u32]) -> SmallResult {
     // Warm-up: one request per connection, not measured.
     let mut senders = Vec::new();
     for _ in 0..concurrency {
@@ -207,6 +222,7 @@ async fn small(route: &Route, concurrency: usize, seconds: f64) -> SmallResult {
         get(&mut sender, route, "/small").await;
         senders.push(sender);
     }
+    let ticks_before: Vec<Option<u64>> = pids.iter().map(|&pid| cpu_ticks(pid)).collect();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -227,6 +243,16 @@ async fn small(route: &Route, concurrency: usize, seconds: f64) -> SmallResult {
         all.extend(task.await.expect("join"));
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu_us = pids
+        .iter()
+        .zip(ticks_before)
+        .map(|(&pid, before)| match (before, cpu_ticks(pid)) {
+            (Some(before), Some(after)) => {
+                (after - before) as f64 / TICKS_PER_SECOND * 1e6 / all.len() as f64
+            }
+            _ => f64::NAN,
+        })
+        .collect();
     all.sort();
     let pick = |q: f64| {
         let index = ((all.len() as f64 - 1.0) * q).round() as usize;
@@ -236,6 +262,7 @@ async fn small(route: &Route, concurrency: usize, seconds: f64) -> SmallResult {
         requests_per_second: all.len() as f64 / elapsed,
         p50_ms: pick(0.50),
         p99_ms: pick(0.99),
+        cpu_us,
     }
 }
 
@@ -575,6 +602,7 @@ async fn run(seconds: f64, big_count: usize, rounds: usize, others: bool) {
     let load_before = load_average();
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut origin_child, origin, origin_ca_pem) = start_origin(dir.path());
+    let origin_pid = origin_child.id();
     let origin_ca = dir.path().join("origin-ca.pem");
     println!(
         "gateway benchmark: loopback origin {origin} (own process), {seconds} s per small-GET run, {big_count} x 1 MiB, {rounds} round(s)"
@@ -626,14 +654,22 @@ async fn run(seconds: f64, big_count: usize, rounds: usize, others: bool) {
             eprintln!("round {} of {rounds}", round + 1);
         }
         let mut c1s = Vec::new();
-        for (name, route, _) in &routes {
+        for (name, route, pid) in &routes {
             eprintln!("  {name}: c=1");
-            c1s.push(small(route, 1, seconds).await);
+            let pids: Vec<u32> = [origin_pid, std::process::id()]
+                .into_iter()
+                .chain(*pid)
+                .collect();
+            c1s.push(small(route, 1, seconds, &pids).await);
         }
         let mut c32s = Vec::new();
-        for (name, route, _) in &routes {
+        for (name, route, pid) in &routes {
             eprintln!("  {name}: c=32");
-            c32s.push(small(route, 32, seconds).await);
+            let pids: Vec<u32> = [origin_pid, std::process::id()]
+                .into_iter()
+                .chain(*pid)
+                .collect();
+            c32s.push(small(route, 32, seconds, &pids).await);
         }
         let mut bigs = Vec::new();
         for (name, route, _) in &routes {
@@ -743,6 +779,17 @@ async fn run(seconds: f64, big_count: usize, rounds: usize, others: bool) {
             ratio(g, s, mib)
         );
     }
+    let cpu = |r: &SmallResult| {
+        let us = |i: usize| r.cpu_us.get(i).map_or("-".into(), |v| format!("{v:.1}"));
+        format!("client {} + origin {} + proxy {}", us(1), us(0), us(2))
+    };
+    println!(
+        "CPU per request, µs (median; the machine's load cancels out): c=1 direct {} / gateway {};  c=32 direct {} / gateway {}",
+        cpu(&direct.c1),
+        cpu(&gateway.c1),
+        cpu(&direct.c32),
+        cpu(&gateway.c32)
+    );
     println!(
         "direct itself across rounds: c=1 {} req/s, c=32 {} req/s, 1 MiB {} MB/s",
         Spread::of(per_round[d].iter().map(c1).collect()),
@@ -796,6 +843,9 @@ fn median_row(runs: &[Row]) -> Row {
         requests_per_second: median(runs.iter().map(|r| pick(r).requests_per_second).collect()),
         p50_ms: median(runs.iter().map(|r| pick(r).p50_ms).collect()),
         p99_ms: median(runs.iter().map(|r| pick(r).p99_ms).collect()),
+        cpu_us: (0..pick(&runs[0]).cpu_us.len())
+            .map(|i| median(runs.iter().map(|r| pick(r).cpu_us[i]).collect()))
+            .collect(),
     };
     let c1 = small(runs, |r| &r.c1);
     let c32 = small(runs, |r| &r.c32);
