@@ -23,7 +23,7 @@ sealed direct-ip 'curl --noproxy "*" -sS -m 5 http://192.0.2.1/'
 sealed dns 'getent hosts example.com'
 sealed udp 'echo x > /dev/udp/192.0.2.1/53'
 sealed ipv6 'curl --noproxy "*" -sS -m 5 "http://[2001:db8::1]/"'
-sealed no-proxy-vars 'env -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy curl -sS -m 5 https://api.anthropic.com/'
+sealed no-proxy-vars 'env -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy curl -sS -m 5 https://blocked.example/'
 probe connect-disallowed https://evil.example/
 probe plain-http-disallowed http://evil.example/
 probe fronting -H 'Host: api.anthropic.com' https://paste.example/
