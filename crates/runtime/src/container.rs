@@ -100,8 +100,11 @@ pub fn container_config(
     ];
     entrypoint.extend(plan.argv.iter().cloned());
 
-    let mut env: Vec<String> = plan.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    env.extend(launch_env.iter().map(|(k, v)| format!("{k}={v}")));
+    // One value per name, launch values (placeholders) winning: with a name twice in the
+    // list, glibc's getenv would return the first, the bottle's own `env:` value.
+    let mut merged = plan.env.clone();
+    merged.extend(launch_env.iter().cloned());
+    let env: Vec<String> = merged.iter().map(|(k, v)| format!("{k}={v}")).collect();
 
     let mut binds = vec![
         bind(&paths.run_dir, BOTTLE_RUN_DIR, false),
@@ -212,7 +215,7 @@ mod snapshot_tests {
         .unwrap();
         let bottle = BottleManifest::parse(
             Path::new("/p/.bot-bottle/bottles/dev.md"),
-            "---\negress:\n  rules:\n    - host: api.anthropic.com\nresources: {memory: 2g, cpus: 1.5, pids: 256}\nmounts:\n  - source: /data\n    target: /data\n---\n",
+            "---\negress:\n  rules:\n    - host: api.anthropic.com\nenv: {ANTHROPIC_API_KEY: from-the-manifest}\nresources: {memory: 2g, cpus: 1.5, pids: 256}\nmounts:\n  - source: /data\n    target: /data\n---\n",
         )
         .unwrap();
         catalog
@@ -250,6 +253,17 @@ mod snapshot_tests {
             &env,
         )
         .unwrap();
+        let keys: Vec<&String> = config
+            .env
+            .iter()
+            .flatten()
+            .filter(|item| item.starts_with("ANTHROPIC_API_KEY="))
+            .collect();
+        assert_eq!(
+            keys,
+            ["ANTHROPIC_API_KEY=sk-ant-api03-PLACEHOLDER"],
+            "one value, the launch's"
+        );
         let mut value = serde_json::to_value(&config).unwrap();
         // Labels are a HashMap: sort them for a stable snapshot.
         if let Some(labels) = value.get_mut("Labels") {
