@@ -59,6 +59,13 @@ enum Command {
     /// In-bottle PID 1: forward loopback ports to host sockets and run the agent
     #[command(hide = true)]
     Shim(ShimArgs),
+    /// The tripwire beside a bottle: refuse and report every packet that tries a direct way out
+    #[command(hide = true)]
+    Tripwire {
+        /// The host's Unix socket for reports
+        #[arg(long)]
+        socket: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -245,6 +252,22 @@ fn main() -> ExitCode {
         let code = shim::run_with(&args.forwards, &args.provisions, &args.argv);
         return ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1));
     }
+    if let Command::Tripwire { socket } = &cli.command {
+        return match bot_bottle_runtime::tripwire::run(socket) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!(
+                    "error: {}",
+                    anyhow::Error::new(err)
+                        .chain()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(": ")
+                );
+                ExitCode::from(69)
+            }
+        };
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("BOT_BOTTLE_LOG"))
@@ -316,7 +339,9 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             );
             Ok(0)
         }
-        Command::Shim(_) => unreachable!("handled before the runtime starts"),
+        Command::Shim(_) | Command::Tripwire { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
 }
 

@@ -35,6 +35,9 @@ pub enum EventKind {
     PolicyUpdate,
     /// The gateway started or stopped.
     Gateway,
+    /// A packet that tried to leave the bottle other than through the gateway (a direct
+    /// connection, a DNS query, a datagram), caught and refused by the tripwire.
+    Direct,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

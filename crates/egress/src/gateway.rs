@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::tripwire::Attempt;
 use bot_bottle_core::policy::{AuditLevel, EgressPolicy, RequestFacts};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
@@ -337,6 +338,56 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
     })
 }
 
+/// Writes the tripwire's attempts into the gateway's audit log, in the same hash chain as
+/// its own decisions. A failed write fails the gateway as any other audit failure does.
+#[derive(Clone)]
+pub struct AttemptRecorder {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AttemptRecorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttemptRecorder").finish_non_exhaustive()
+    }
+}
+
+impl AttemptRecorder {
+    pub fn record(&self, attempt: &Attempt) {
+        let mut event = EventDraft::new(
+            EventKind::Direct,
+            AuditDecision::Block,
+            attempt.transport.reason(),
+        );
+        event.method = Some(attempt.transport.label().to_owned());
+        event.host = Some(
+            attempt
+                .name
+                .clone()
+                .unwrap_or_else(|| attempt.destination.to_string()),
+        );
+        event.port = attempt.port;
+        let mut detail = match (&attempt.name, attempt.port) {
+            (Some(_), _) => format!(
+                "query to {}; no route, refused by the tripwire",
+                attempt.destination
+            ),
+            (None, Some(_)) => "no route; refused by the tripwire".to_owned(),
+            (None, None) => format!(
+                "ip protocol {}; no route, refused by the tripwire",
+                attempt.protocol
+            ),
+        };
+        if attempt.suppressed > 0 {
+            detail.push_str(&format!(
+                "; {} more attempts before this one were counted, not logged one by one",
+                attempt.suppressed
+            ));
+        }
+        event.detail = Some(detail);
+        self.shared.record(event);
+    }
+}
+
 fn policy_summary(policy: &EgressPolicy) -> String {
     let canonical = serde_json::to_vec(policy).unwrap_or_default();
     format!(
@@ -419,6 +470,14 @@ impl GatewayHandle {
                     .map(|var| (var.clone(), c.placeholder().to_string()))
             })
             .collect()
+    }
+
+    /// Records what the tripwire caught; it stays usable while the handle moves on.
+    #[must_use]
+    pub fn attempt_recorder(&self) -> AttemptRecorder {
+        AttemptRecorder {
+            shared: self.shared.clone(),
+        }
     }
 
     /// The policy in force.

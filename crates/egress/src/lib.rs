@@ -12,6 +12,7 @@ mod gateway;
 mod mitm;
 mod timer;
 pub mod tls;
+pub mod tripwire;
 mod tunnel;
 mod upstream;
 
@@ -37,6 +38,6 @@ pub const CA_ENV_VARS: &[&str] = &[
 ];
 
 pub use gateway::{
-    BLOCK_HEADER, ERROR_HEADER, GatewayConfig, GatewayError, GatewayHandle, Limits, Listen,
-    OverCap, start,
+    AttemptRecorder, BLOCK_HEADER, ERROR_HEADER, GatewayConfig, GatewayError, GatewayHandle,
+    Limits, Listen, OverCap, start,
 };

@@ -4,17 +4,22 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerCreateBody, DeviceMapping, HostConfig};
 use bot_bottle_core::plan::{
     BOTTLE_RUN_DIR, BOTTLE_SHIM_PATH, BottlePlan, GATEWAY_SOCKET, PROXY_PORT, Workspace,
 };
 use bot_bottle_core::provider::{AGENT_HOME, BOTTLE_CA_PATH, SYSTEM_CA_BUNDLE, WORKSPACE};
+
+use crate::tripwire::{TRIPWIRE_RUN_DIR, TRIPWIRE_SOCKET};
 
 /// Label keys; `ps` and cleanup find bottles by them after a crash.
 pub const LABEL_MANAGED: &str = "dev.bot-bottle.managed";
 pub const LABEL_SLUG: &str = "dev.bot-bottle.slug";
 pub const LABEL_AGENT: &str = "dev.bot-bottle.agent";
 pub const LABEL_KIND: &str = "dev.bot-bottle.kind";
+/// [`LABEL_KIND`] values of containers.
+pub const KIND_BOTTLE: &str = "bottle";
+pub const KIND_TRIPWIRE: &str = "tripwire";
 
 /// Default pid limit when the bottle sets none: enough for npm and a build, not for a
 /// fork bomb.
@@ -37,6 +42,16 @@ pub const BOTTLE_PROVISION_DIR: &str = "/run/bot-bottle/home";
 /// File names inside [`HostPaths::trust_dir`].
 pub const TRUST_CA_FILE: &str = "gateway-ca.pem";
 pub const TRUST_BUNDLE_FILE: &str = "ca-bundle.pem";
+
+/// Whose network namespace the bottle gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Network {
+    /// Its own, with loopback only: a direct attempt fails in the bottle's kernel, unaudited.
+    Sealed,
+    /// The tripwire container's (by id): loopback, plus a TUN default route whose every
+    /// packet is refused and audited (see `tripwire.rs`).
+    Tripwire(String),
+}
 
 /// Extra environment computed at launch (credential placeholders). Never secrets.
 pub type LaunchEnv = Vec<(String, String)>;
@@ -88,6 +103,7 @@ pub fn container_config(
     image: &str,
     paths: &HostPaths,
     launch_env: &LaunchEnv,
+    network: &Network,
 ) -> Result<ContainerCreateBody, ConfigError> {
     let mut entrypoint = vec![
         BOTTLE_SHIM_PATH.to_owned(),
@@ -142,13 +158,18 @@ pub fn container_config(
         (LABEL_MANAGED.to_owned(), "1".to_owned()),
         (LABEL_SLUG.to_owned(), slug.to_owned()),
         (LABEL_AGENT.to_owned(), plan.agent.clone()),
-        (LABEL_KIND.to_owned(), "bottle".to_owned()),
+        (LABEL_KIND.to_owned(), KIND_BOTTLE.to_owned()),
     ]);
 
     let interactive = !plan.headless;
+    let (network_mode, hostname) = match network {
+        Network::Sealed => ("none".to_owned(), Some("bottle".to_owned())),
+        // The namespace's owner names the host (Docker refuses a hostname here).
+        Network::Tripwire(id) => (format!("container:{id}"), None),
+    };
     Ok(ContainerCreateBody {
         image: Some(image.to_owned()),
-        hostname: Some("bottle".to_owned()),
+        hostname,
         user: Some(format!("{0}:{0}", plan.agent_uid)),
         entrypoint: Some(entrypoint),
         cmd: Some(Vec::new()),
@@ -163,8 +184,9 @@ pub fn container_config(
         attach_stderr: Some(true),
         network_disabled: Some(false),
         host_config: Some(HostConfig {
-            // No interface but loopback: the gateway socket is the only way out.
-            network_mode: Some("none".to_owned()),
+            // No interface but loopback (and the tripwire's, which leads nowhere): the
+            // gateway socket is the only way out.
+            network_mode: Some(network_mode),
             cap_drop: Some(vec!["ALL".to_owned()]),
             security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
             binds: Some(binds),
@@ -179,6 +201,77 @@ pub fn container_config(
         }),
         ..ContainerCreateBody::default()
     })
+}
+
+/// The tripwire's container: it owns the network namespace the bottle joins, holds its
+/// TUN device, and runs nothing but `bot-bottle tripwire` (mounted like the shim). Root,
+/// because configuring a device takes it, with every capability dropped but
+/// `CAP_NET_ADMIN`, which reaches no further than this namespace of loopback and a
+/// device that leads nowhere.
+#[must_use]
+pub fn tripwire_config(
+    slug: &str,
+    image: &str,
+    shim_binary: &Path,
+    tripwire_dir: &Path,
+) -> ContainerCreateBody {
+    let labels = HashMap::from([
+        (LABEL_MANAGED.to_owned(), "1".to_owned()),
+        (LABEL_SLUG.to_owned(), slug.to_owned()),
+        (LABEL_KIND.to_owned(), KIND_TRIPWIRE.to_owned()),
+    ]);
+    let sysctls = HashMap::from(
+        [
+            // Docker turns IPv6 off in a namespace without IPv6 networks; the tripwire
+            // needs it on to catch IPv6 attempts. No duplicate-address wait for its
+            // address: nothing else is on the link.
+            ("net.ipv6.conf.all.disable_ipv6", "0"),
+            ("net.ipv6.conf.default.disable_ipv6", "0"),
+            ("net.ipv6.conf.all.accept_dad", "0"),
+            ("net.ipv6.conf.default.accept_dad", "0"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    ContainerCreateBody {
+        image: Some(image.to_owned()),
+        hostname: Some("bottle".to_owned()),
+        user: Some("0:0".to_owned()),
+        entrypoint: Some(vec![
+            BOTTLE_SHIM_PATH.to_owned(),
+            "tripwire".to_owned(),
+            "--socket".to_owned(),
+            format!("{TRIPWIRE_RUN_DIR}/{TRIPWIRE_SOCKET}"),
+        ]),
+        cmd: Some(Vec::new()),
+        env: Some(Vec::new()),
+        labels: Some(labels),
+        attach_stdout: Some(false),
+        attach_stderr: Some(false),
+        host_config: Some(HostConfig {
+            network_mode: Some("none".to_owned()),
+            cap_drop: Some(vec!["ALL".to_owned()]),
+            cap_add: Some(vec!["NET_ADMIN".to_owned()]),
+            security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
+            devices: Some(vec![DeviceMapping {
+                path_on_host: Some("/dev/net/tun".to_owned()),
+                path_in_container: Some("/dev/net/tun".to_owned()),
+                cgroup_permissions: Some("rwm".to_owned()),
+            }]),
+            sysctls: Some(sysctls),
+            binds: Some(vec![
+                bind(shim_binary, BOTTLE_SHIM_PATH, true),
+                bind(tripwire_dir, TRIPWIRE_RUN_DIR, false),
+            ]),
+            readonly_rootfs: Some(true),
+            memory: Some(64 << 20),
+            memory_swap: Some(64 << 20),
+            pids_limit: Some(8),
+            init: Some(false),
+            ipc_mode: Some("private".to_owned()),
+            ..HostConfig::default()
+        }),
+        ..ContainerCreateBody::default()
+    }
 }
 
 #[cfg(test)]
@@ -251,6 +344,7 @@ mod snapshot_tests {
             "bot-bottle/bottle:0123456789abcdef",
             &paths,
             &env,
+            &Network::Tripwire("0123abcd".to_owned()),
         )
         .unwrap();
         let keys: Vec<&String> = config
@@ -264,13 +358,33 @@ mod snapshot_tests {
             ["ANTHROPIC_API_KEY=sk-ant-api03-PLACEHOLDER"],
             "one value, the launch's"
         );
-        let mut value = serde_json::to_value(&config).unwrap();
-        // Labels are a HashMap: sort them for a stable snapshot.
-        if let Some(labels) = value.get_mut("Labels") {
-            let sorted: std::collections::BTreeMap<String, serde_json::Value> =
-                serde_json::from_value(labels.clone()).unwrap();
-            *labels = serde_json::to_value(sorted).unwrap();
+        let value = serde_json::to_value(&config).unwrap();
+        insta::assert_json_snapshot!("container_config", sorted_maps(value));
+    }
+
+    fn sorted_maps(mut value: serde_json::Value) -> serde_json::Value {
+        // Labels and sysctls are HashMaps: sort them for a stable snapshot.
+        for pointer in ["/Labels", "/HostConfig/Sysctls"] {
+            if let Some(map) = value.pointer_mut(pointer) {
+                let sorted: std::collections::BTreeMap<String, serde_json::Value> =
+                    serde_json::from_value(map.clone()).unwrap();
+                *map = serde_json::to_value(sorted).unwrap();
+            }
         }
-        insta::assert_json_snapshot!("container_config", value);
+        value
+    }
+
+    #[test]
+    fn tripwire_config_snapshot() {
+        let config = tripwire_config(
+            "implementer-abcde",
+            "bot-bottle/bottle:0123456789abcdef",
+            Path::new("/usr/local/bin/bot-bottle"),
+            Path::new("/home/me/.bot-bottle/state/implementer-abcde/tripwire"),
+        );
+        insta::assert_json_snapshot!(
+            "tripwire_config",
+            sorted_maps(serde_json::to_value(&config).unwrap())
+        );
     }
 }

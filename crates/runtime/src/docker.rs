@@ -198,6 +198,8 @@ impl Archive {
 pub struct ContainerSummary {
     pub id: String,
     pub slug: String,
+    /// [`crate::container::KIND_BOTTLE`] or [`crate::container::KIND_TRIPWIRE`].
+    pub kind: String,
     pub state: String,
 }
 
@@ -468,6 +470,34 @@ impl DockerEngine {
         .await
     }
 
+    /// Starts a created container without attaching (the tripwire, which reports over
+    /// its socket, not its output).
+    pub async fn start(&self, container: &str) -> Result<(), DockerError> {
+        self.docker
+            .start_container(
+                container,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
+            .await
+            .map_err(api("start container"))
+    }
+
+    /// The last lines a container wrote, for an error message.
+    pub async fn output_tail(&self, container: &str) -> String {
+        let options = bollard::query_parameters::LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: "20".to_owned(),
+            ..bollard::query_parameters::LogsOptions::default()
+        };
+        let mut stream = self.docker.logs(container, Some(options));
+        let mut text = String::new();
+        while let Some(Ok(chunk)) = stream.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+        }
+        text.trim().to_owned()
+    }
+
     /// Attaches to a created container, then starts it: attaching first is what makes
     /// the agent's first bytes of output arrive.
     async fn attach_and_start(
@@ -658,13 +688,14 @@ impl DockerEngine {
             .map_err(api("list containers"))?;
         Ok(list
             .into_iter()
-            .map(|c| ContainerSummary {
-                id: c.id.unwrap_or_default(),
-                slug: c
-                    .labels
-                    .and_then(|mut labels| labels.remove(LABEL_SLUG))
-                    .unwrap_or_default(),
-                state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+            .map(|c| {
+                let mut labels = c.labels.unwrap_or_default();
+                ContainerSummary {
+                    id: c.id.unwrap_or_default(),
+                    slug: labels.remove(LABEL_SLUG).unwrap_or_default(),
+                    kind: labels.remove(LABEL_KIND).unwrap_or_default(),
+                    state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+                }
             })
             .collect())
     }

@@ -195,6 +195,11 @@ impl SessionGateway {
         self.handle.failed().await
     }
 
+    /// Where the tripwire's reports go: the same audit log, the same hash chain.
+    pub fn attempt_recorder(&self) -> bot_bottle_egress::AttemptRecorder {
+        self.handle.attempt_recorder()
+    }
+
     pub async fn shutdown(self) {
         self.handle.shutdown().await;
     }

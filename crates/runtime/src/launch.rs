@@ -16,7 +16,8 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::container::{
-    ConfigError, HostPaths, TRUST_BUNDLE_FILE, TRUST_CA_FILE, container_config,
+    ConfigError, HostPaths, KIND_TRIPWIRE, Network, TRUST_BUNDLE_FILE, TRUST_CA_FILE,
+    container_config, tripwire_config,
 };
 use crate::docker::{Archive, DockerEngine, DockerError};
 use crate::images::ensure_bottle_image;
@@ -70,6 +71,10 @@ pub enum RuntimeError {
         "the workspace `{path}` is not writable by the bottle's user (uid {uid})\nhint: pass `--cwd` to copy the workspace into the bottle instead, or make the directory writable by uid {uid}"
     )]
     WorkspaceNotWritable { path: PathBuf, uid: u32 },
+    #[error(
+        "the tripwire did not come up: {message}\nhint: it needs `/dev/net/tun` on the Docker host; `BOT_BOTTLE_TRIPWIRE=off` runs bottles without it (direct attempts still fail, but are not audited)"
+    )]
+    Tripwire { message: String },
     #[error("launch cancelled")]
     Declined,
     #[error("{message}")]
@@ -104,7 +109,7 @@ impl RuntimeError {
                 | DockerError::Mmdebstrap { .. }
                 | DockerError::NoMmdebstrap,
             ) => exit_codes::BUILD,
-            Self::Docker(_) | Self::Io { .. } => exit_codes::BACKEND,
+            Self::Docker(_) | Self::Io { .. } | Self::Tripwire { .. } => exit_codes::BACKEND,
             Self::Gateway { .. } => exit_codes::GATEWAY,
             Self::Declined => exit_codes::DECLINED,
             // The shell convention for "killed by a signal": 128 + SIGTERM.
@@ -123,6 +128,18 @@ pub struct GatewaySettings {
     pub loopback_only: bool,
     /// Extra PEM roots the gateway trusts upstream (`BOT_BOTTLE_UPSTREAM_CA=path`).
     pub upstream_ca: Option<PathBuf>,
+    /// Whether direct attempts are caught and audited (`BOT_BOTTLE_TRIPWIRE=off`).
+    pub tripwire: TripwireMode,
+}
+
+/// The tripwire (see `tripwire.rs`) is on unless turned off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TripwireMode {
+    #[default]
+    On,
+    /// The bottle gets a namespace of its own with loopback only: direct attempts still
+    /// fail, in its kernel, and are not audited.
+    Off,
 }
 
 impl GatewaySettings {
@@ -136,6 +153,15 @@ impl GatewaySettings {
         settings.loopback_only =
             std::env::var("BOT_BOTTLE_LOOPBACK_ONLY").is_ok_and(|v| v == "1" || v == "true");
         settings.upstream_ca = std::env::var_os("BOT_BOTTLE_UPSTREAM_CA").map(PathBuf::from);
+        settings.tripwire = match std::env::var("BOT_BOTTLE_TRIPWIRE").as_deref() {
+            Err(_) | Ok("" | "on" | "1" | "true") => TripwireMode::On,
+            Ok("off" | "0" | "false") => TripwireMode::Off,
+            Ok(other) => {
+                return Err(RuntimeError::Tripwire {
+                    message: format!("`BOT_BOTTLE_TRIPWIRE={other}` is not `on` or `off`"),
+                });
+            }
+        };
         Ok(settings)
     }
 }
@@ -618,30 +644,168 @@ async fn run_session(
         shim_binary: options.shim_binary.clone(),
         trust_dir,
     };
-    let config = container_config(plan, bottle.slug(), &image, &paths, &launch_env)?;
     let name = container_name(bottle.slug());
     progress.step(&format!(
-        "starting bottle {} (network: none; egress via gateway only)",
+        "starting bottle {} (no route out; egress via gateway only)",
         bottle.slug()
     ));
     // The gateway starts on its own task (starting is CPU work: DLP rules compile) while
-    // the engine creates the container; the container starts only once both are done.
+    // the engine starts the tripwire; the bottle starts only once both are up.
     let serving = tokio::spawn(prepared.serve());
-    let container_id = engine.create(&name, config).await?;
-    tracing::debug!("container created");
+    let tripwire = match options.gateway.tripwire {
+        TripwireMode::On => Some(start_tripwire(engine, bottle, &image, options).await),
+        TripwireMode::Off => {
+            progress.step(
+                "warning: tripwire off (BOT_BOTTLE_TRIPWIRE=off): direct attempts fail but are not audited",
+            );
+            None
+        }
+    };
     let gateway = match serving.await {
         Ok(Ok(gateway)) => gateway,
         Ok(Err(err)) => {
-            let _ = engine.remove_container(&container_id).await;
+            remove_tripwire(engine, tripwire).await;
             return Err(err);
         }
         Err(join) => {
-            let _ = engine.remove_container(&container_id).await;
+            remove_tripwire(engine, tripwire).await;
             return Err(RuntimeError::Gateway {
                 message: format!("the gateway task failed: {join}"),
             });
         }
     };
+    let mut network = Network::Sealed;
+    let mut reports = None;
+    match tripwire {
+        None => {}
+        Some(Err(err)) => {
+            gateway.shutdown().await;
+            return Err(err);
+        }
+        Some(Ok((id, listener))) => {
+            match await_tripwire(engine, &id, listener, &gateway, progress).await {
+                Ok(task) => {
+                    network = Network::Tripwire(id.clone());
+                    reports = Some((id, task));
+                }
+                Err(err) => {
+                    let _ = engine.remove_container(&id).await;
+                    gateway.shutdown().await;
+                    return Err(err);
+                }
+            }
+        }
+    }
+    let session = async {
+        let config = container_config(plan, bottle.slug(), &image, &paths, &launch_env, &network)?;
+        let container_id = engine.create(&name, config).await?;
+        tracing::debug!("container created");
+        attach_session(
+            spec,
+            plan,
+            bottle,
+            engine,
+            options,
+            metadata,
+            container_id,
+            &gateway,
+        )
+        .await
+    }
+    .await;
+    // The tripwire goes with the session; its last reports are in before the gateway's
+    // final line.
+    if let Some((id, task)) = reports {
+        let _ = engine.remove_container(&id).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
+    gateway.shutdown().await;
+    let code = session?;
+    Ok(i32::try_from(code).unwrap_or(1))
+}
+
+/// Binds the tripwire's socket and starts its container.
+async fn start_tripwire(
+    engine: &DockerEngine,
+    bottle: &BottleDir,
+    image: &str,
+    options: &LaunchOptions,
+) -> Result<(String, crate::tripwire::Listener), RuntimeError> {
+    let dir = bottle.path().join("tripwire");
+    let listener = crate::tripwire::Listener::bind(&dir).map_err(|source| RuntimeError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let config = tripwire_config(bottle.slug(), image, &options.shim_binary, &dir);
+    let name = format!("{}-{KIND_TRIPWIRE}", container_name(bottle.slug()));
+    let id = engine.create(&name, config).await?;
+    if let Err(err) = engine.start(&id).await {
+        let _ = engine.remove_container(&id).await;
+        return Err(RuntimeError::Tripwire {
+            message: err.to_string(),
+        });
+    }
+    Ok((id, listener))
+}
+
+/// Waits for the tripwire's device to be up, then lets its reports flow to the audit.
+async fn await_tripwire(
+    engine: &DockerEngine,
+    id: &str,
+    listener: crate::tripwire::Listener,
+    gateway: &crate::gateway::SessionGateway,
+    progress: &Progress,
+) -> Result<tokio::task::JoinHandle<()>, RuntimeError> {
+    let accepted = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        listener.accept(gateway.attempt_recorder()),
+    )
+    .await;
+    let failure = match accepted {
+        Ok(Ok((ready, task))) => {
+            if !ready.ipv6 {
+                progress.step(&format!(
+                    "warning: the tripwire routes IPv4 only ({}); IPv6 attempts fail unaudited",
+                    ready.detail.as_deref().unwrap_or("no reason given")
+                ));
+            }
+            return Ok(task);
+        }
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => "it did not report ready within 20 s".to_owned(),
+    };
+    let output = engine.output_tail(id).await;
+    Err(RuntimeError::Tripwire {
+        message: if output.is_empty() {
+            failure
+        } else {
+            format!("{failure}; it said: {output}")
+        },
+    })
+}
+
+async fn remove_tripwire(
+    engine: &DockerEngine,
+    tripwire: Option<Result<(String, crate::tripwire::Listener), RuntimeError>>,
+) {
+    if let Some(Ok((id, _))) = tripwire {
+        let _ = engine.remove_container(&id).await;
+    }
+}
+
+/// Runs the created bottle container to its end, failing closed with the gateway.
+#[allow(clippy::too_many_arguments)]
+async fn attach_session(
+    spec: &BottleSpec,
+    plan: &BottlePlan,
+    bottle: &BottleDir,
+    engine: &DockerEngine,
+    options: &LaunchOptions,
+    metadata: &mut Metadata,
+    container_id: String,
+    gateway: &crate::gateway::SessionGateway,
+) -> Result<i64, RuntimeError> {
+    let progress = &options.progress;
     metadata.container_id = Some(container_id.clone());
     metadata.status = Status::Running;
     metadata.updated_at = now();
@@ -683,9 +847,7 @@ async fn run_session(
             Err(RuntimeError::Interrupted { signal, slug: bottle.slug().to_owned() })
         }
     };
-    gateway.shutdown().await;
-    let code = outcome?;
-    Ok(i32::try_from(code).unwrap_or(1))
+    outcome
 }
 
 /// Freezes a bottle: commits its container to an image so `resume` continues with its
@@ -699,7 +861,7 @@ pub async fn freeze(home: &Home, slug: &str, progress: &Progress) -> Result<Stri
         })?;
     let engine = DockerEngine::connect().await?;
     let containers = engine.containers(Some(slug)).await?;
-    let Some(container) = containers.first() else {
+    let Some(container) = containers.iter().find(|c| c.kind != KIND_TRIPWIRE) else {
         if let (Status::Frozen, Some(image)) = (metadata.status, &metadata.frozen_image) {
             progress.step(&format!("`{slug}` is already frozen as {image}"));
             return Ok(image.clone());
@@ -826,6 +988,7 @@ pub async fn ps(home: &Home) -> Result<Vec<PsRow>, RuntimeError> {
         .containers(None)
         .await?
         .into_iter()
+        .filter(|c| c.kind != KIND_TRIPWIRE)
         .map(|c| (c.slug, c.state))
         .collect();
     let now = now();

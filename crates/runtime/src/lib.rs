@@ -12,3 +12,4 @@ pub mod launch;
 pub mod progress;
 pub mod shim;
 pub mod terminal;
+pub mod tripwire;

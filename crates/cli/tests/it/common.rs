@@ -68,6 +68,7 @@ impl Project {
             .env("BOT_BOTTLE_HOME", self.home.path())
             .env("BOT_BOTTLE_LOOPBACK_ONLY", "1")
             .env_remove("BOT_BOTTLE_DRY_RUN")
+            .env_remove("BOT_BOTTLE_TRIPWIRE")
             .env_remove("BOT_BOTTLE_UPSTREAM_OVERRIDES");
         for (key, value) in &self.env {
             cmd.env(key, value);

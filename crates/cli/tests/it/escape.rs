@@ -1,7 +1,7 @@
 //! Docker: the escape suite. An agent with a credential in custody tries every way out.
-//! Each attempt must fail; each one that reaches the gateway must be in the audit log with
-//! its reason. Attempts that never reach the gateway (no route, no DNS) cannot be logged
-//! by it: they fail inside the bottle's empty network namespace.
+//! Each attempt must fail, and each must be in the audit log with its reason: the gateway
+//! records what reaches it, and the tripwire records what tries to go around it (direct
+//! connections, DNS, datagrams, IPv6), in the same hash chain.
 
 use bot_bottle_testkit::Script;
 
@@ -21,7 +21,7 @@ sealed() { if eval "$2" >/dev/null 2>&1; then echo "$1 ESCAPED"; else echo "$1 S
 # 192.0.2.1 and 2001:db8::1 are documentation addresses; no packet can leave anyway.
 sealed direct-ip 'curl --noproxy "*" -sS -m 5 http://192.0.2.1/'
 sealed dns 'getent hosts example.com'
-sealed udp 'echo x > /dev/udp/192.0.2.1/53'
+sealed udp 'exec 3<>/dev/udp/192.0.2.1/9; echo x >&3; read -t 5 line <&3'
 sealed ipv6 'curl --noproxy "*" -sS -m 5 "http://[2001:db8::1]/"'
 sealed no-proxy-vars 'env -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy curl -sS -m 5 https://blocked.example/'
 probe connect-disallowed https://evil.example/
@@ -126,6 +126,24 @@ fn docker_escape_suite() {
         "{events:?}"
     );
     assert!(blocked("paste.example", "dlp-blocked") >= 1, "{events:?}");
+    // What went around the gateway, caught by the tripwire: (host, reason, port).
+    let direct = [
+        ("192.0.2.1", "direct-connection", 80),
+        ("example.com", "dns-query", 53),
+        ("192.0.2.1", "direct-datagram", 9),
+        ("2001:db8::1", "direct-connection", 80),
+        ("blocked.example", "dns-query", 53),
+    ];
+    for (host, reason, port) in direct {
+        assert!(
+            events.iter().any(|e| e["kind"] == "direct"
+                && e["decision"] == "block"
+                && e["host"] == host
+                && e["reason"] == reason
+                && e["port"] == port),
+            "no `{reason}` event for {host}:{port} in the audit log: {events:?}"
+        );
+    }
     let log = std::fs::read_to_string(
         project
             .home

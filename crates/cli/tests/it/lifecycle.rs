@@ -170,12 +170,14 @@ fn docker_label_collision_is_uniquified() {
     );
 }
 
-/// Every way out that bypasses the gateway must fail; the gateway's own answer to a
-/// disallowed host is a 403 with a reason header, and it is audited.
+/// With the tripwire off, every way out that bypasses the gateway must still fail (in the
+/// bottle's own kernel: it has loopback only); the gateway's own answer to a disallowed
+/// host is a 403 with a reason header, and it is audited. The escape suite runs the same
+/// attempts with the tripwire on and checks they are audited too.
 const ESCAPE_SCRIPT: &str = r#"
 try() { if eval "$2" >/dev/null 2>&1; then echo "ESCAPED $1"; else echo "SEALED $1"; fi; }
 # 192.0.2.1 and 2001:db8::1 are documentation addresses: nothing answers there even
-# if a packet could leave, which it cannot (the bottle has no interface but lo).
+# if a packet could leave, which it cannot (with the tripwire off, no interface but lo).
 try direct-ip 'curl --noproxy "*" -sS -m 5 http://192.0.2.1/'
 try dns 'getent hosts example.com'
 try udp 'echo x > /dev/udp/192.0.2.1/53'
@@ -187,8 +189,11 @@ ip -o link 2>/dev/null | cut -d: -f2 | tr -d ' ' | tr '\n' ' ' ; cat /sys/class/
 "#;
 
 #[test]
-fn docker_sealed_network() {
-    let project = Project::new();
+fn docker_sealed_network_without_the_tripwire() {
+    let mut project = Project::new();
+    project
+        .env
+        .push(("BOT_BOTTLE_TRIPWIRE".to_owned(), "off".to_owned()));
     let agent = format!(
         "---\nprovider: command\ncommand: [\"bash\", \"-c\", {}]\nbottles: plain\n---\n",
         serde_json::to_string(ESCAPE_SCRIPT).unwrap()
@@ -211,8 +216,9 @@ fn docker_sealed_network() {
         text.contains("x-bot-bottle-block: not-in-allowlist"),
         "{text}"
     );
-    // Only loopback exists inside.
+    // Only loopback exists inside: no tripwire device.
     assert!(text.lines().any(|line| line.trim() == "lo"), "{text}");
+    assert!(!text.contains("tripwire0"), "{text}");
     let slug = project.state_dirs().pop().unwrap();
     let blocks: Vec<serde_json::Value> = project
         .audit_lines(&slug)
