@@ -693,9 +693,11 @@ pub fn format_event(e: &AuditEvent) -> String {
     }
     if let Some(host) = &e.host {
         out.push(' ');
-        out.push_str(host);
-        if let Some(port) = e.port {
-            out.push_str(&format!(":{port}"));
+        match e.port {
+            // An IPv6 address (from the tripwire) needs brackets before its port.
+            Some(port) if host.contains(':') => out.push_str(&format!("[{host}]:{port}")),
+            Some(port) => out.push_str(&format!("{host}:{port}")),
+            None => out.push_str(host),
         }
     }
     if let Some(path) = &e.path {

@@ -263,6 +263,8 @@ pub fn tripwire_config(
                 bind(tripwire_dir, TRIPWIRE_RUN_DIR, false),
             ]),
             readonly_rootfs: Some(true),
+            // It exits when the launcher closes its socket (or dies); nothing to keep.
+            auto_remove: Some(true),
             memory: Some(64 << 20),
             memory_swap: Some(64 << 20),
             pids_limit: Some(8),

@@ -624,6 +624,11 @@ impl DockerEngine {
         match self.docker.remove_container(container, Some(options)).await {
             Ok(()) => Ok(()),
             Err(err) if is_not_found(&err) => Ok(()),
+            // Forced removal conflicts only with a removal already under way (a tripwire
+            // Docker removes by itself once it exits).
+            Err(BollardError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
             Err(err) => Err(api("remove container")(err)),
         }
     }

@@ -653,7 +653,13 @@ async fn run_session(
     // the engine starts the tripwire; the bottle starts only once both are up.
     let serving = tokio::spawn(prepared.serve());
     let tripwire = match options.gateway.tripwire {
-        TripwireMode::On => Some(start_tripwire(engine, bottle, &image, options).await),
+        TripwireMode::On => match create_tripwire(engine, bottle, &image, options).await {
+            Ok(created) => Some(created),
+            Err(err) => {
+                abandon(serving).await;
+                return Err(err);
+            }
+        },
         TripwireMode::Off => {
             progress.step(
                 "warning: tripwire off (BOT_BOTTLE_TRIPWIRE=off): direct attempts fail but are not audited",
@@ -661,71 +667,116 @@ async fn run_session(
             None
         }
     };
-    let gateway = match serving.await {
-        Ok(Ok(gateway)) => gateway,
-        Ok(Err(err)) => {
-            remove_tripwire(engine, tripwire).await;
-            return Err(err);
-        }
-        Err(join) => {
-            remove_tripwire(engine, tripwire).await;
-            return Err(RuntimeError::Gateway {
-                message: format!("the gateway task failed: {join}"),
-            });
+    let network = tripwire
+        .as_ref()
+        .map_or(Network::Sealed, |(id, _)| Network::Tripwire(id.clone()));
+    let tripwire_id = tripwire.as_ref().map(|(id, _)| id.clone());
+    let prepared_bottle = async {
+        let config = container_config(plan, bottle.slug(), &image, &paths, &launch_env, &network)?;
+        Ok::<_, RuntimeError>(engine.create(&name, config).await?)
+    };
+    let start_tripwire = async {
+        match &tripwire_id {
+            Some(id) => engine
+                .start(id)
+                .await
+                .map_err(|err| RuntimeError::Tripwire {
+                    message: err.to_string(),
+                }),
+            None => Ok(()),
         }
     };
-    let mut network = Network::Sealed;
-    let mut reports = None;
-    match tripwire {
-        None => {}
-        Some(Err(err)) => {
-            gateway.shutdown().await;
+    // Docker lets a container join a namespace whose owner is not running yet, so the
+    // bottle is created while the tripwire starts.
+    let (created, started) = tokio::join!(prepared_bottle, start_tripwire);
+    tracing::debug!("tripwire started, bottle created");
+    let served = match serving.await {
+        Ok(served) => served,
+        Err(join) => Err(RuntimeError::Gateway {
+            message: format!("the gateway task failed: {join}"),
+        }),
+    };
+    let container_id = match (created, started) {
+        (Ok(id), Ok(())) => Ok(id),
+        (Ok(id), Err(err)) => {
+            let _ = engine.remove_container(&id).await;
+            Err(err)
+        }
+        (Err(err), _) => Err(err),
+    };
+    let (container_id, gateway) = match (container_id, served) {
+        (Ok(id), Ok(gateway)) => (id, gateway),
+        (Ok(id), Err(err)) => {
+            let _ = engine.remove_container(&id).await;
+            remove_tripwire(engine, tripwire_id.as_deref()).await;
             return Err(err);
         }
-        Some(Ok((id, listener))) => {
-            match await_tripwire(engine, &id, listener, &gateway, progress).await {
-                Ok(task) => {
-                    network = Network::Tripwire(id.clone());
-                    reports = Some((id, task));
-                }
-                Err(err) => {
-                    let _ = engine.remove_container(&id).await;
-                    gateway.shutdown().await;
-                    return Err(err);
-                }
+        (Err(err), served) => {
+            remove_tripwire(engine, tripwire_id.as_deref()).await;
+            if let Ok(gateway) = served {
+                gateway.shutdown().await;
+            }
+            return Err(err);
+        }
+    };
+    let mut reports = None;
+    if let (Some((id, listener)), Some(_)) = (tripwire, &tripwire_id) {
+        tracing::debug!("gateway serving");
+        match await_tripwire(engine, &id, listener, &gateway, progress).await {
+            Ok(flow) => {
+                tracing::debug!("tripwire ready");
+                reports = Some(flow);
+            }
+            Err(err) => {
+                let _ = engine.remove_container(&container_id).await;
+                let _ = engine.remove_container(&id).await;
+                gateway.shutdown().await;
+                return Err(err);
             }
         }
     }
-    let session = async {
-        let config = container_config(plan, bottle.slug(), &image, &paths, &launch_env, &network)?;
-        let container_id = engine.create(&name, config).await?;
-        tracing::debug!("container created");
-        attach_session(
-            spec,
-            plan,
-            bottle,
-            engine,
-            options,
-            metadata,
-            container_id,
-            &gateway,
-        )
-        .await
-    }
+    let session = attach_session(
+        spec,
+        plan,
+        bottle,
+        engine,
+        options,
+        metadata,
+        container_id,
+        &gateway,
+    )
     .await;
-    // The tripwire goes with the session; its last reports are in before the gateway's
-    // final line.
-    if let Some((id, task)) = reports {
-        let _ = engine.remove_container(&id).await;
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    tracing::debug!("agent exited");
+    // The tripwire goes with the session (it exits when its socket closes, and Docker
+    // removes it); its last reports are in before the gateway's final line.
+    if let Some(reports) = reports {
+        reports.finish().await;
     }
+    tracing::debug!("tripwire finished");
     gateway.shutdown().await;
+    tracing::debug!("gateway stopped");
     let code = session?;
     Ok(i32::try_from(code).unwrap_or(1))
 }
 
-/// Binds the tripwire's socket and starts its container.
-async fn start_tripwire(
+async fn remove_tripwire(engine: &DockerEngine, id: Option<&str>) {
+    if let Some(id) = id {
+        let _ = engine.remove_container(id).await;
+    }
+}
+
+/// Stops a gateway that was starting when the launch failed.
+async fn abandon(
+    serving: tokio::task::JoinHandle<Result<crate::gateway::SessionGateway, RuntimeError>>,
+) {
+    if let Ok(Ok(gateway)) = serving.await {
+        gateway.shutdown().await;
+    }
+}
+
+/// Binds the tripwire's socket and creates its container (started with the bottle's
+/// creation, see `run_session`).
+async fn create_tripwire(
     engine: &DockerEngine,
     bottle: &BottleDir,
     image: &str,
@@ -737,14 +788,13 @@ async fn start_tripwire(
         source,
     })?;
     let config = tripwire_config(bottle.slug(), image, &options.shim_binary, &dir);
-    let name = format!("{}-{KIND_TRIPWIRE}", container_name(bottle.slug()));
+    // Numbered by session: the last session's tripwire may still be being removed.
+    let session = bottle.read_metadata()?.map_or(0, |m| m.sessions);
+    let name = format!(
+        "{}-{KIND_TRIPWIRE}-{session}",
+        container_name(bottle.slug())
+    );
     let id = engine.create(&name, config).await?;
-    if let Err(err) = engine.start(&id).await {
-        let _ = engine.remove_container(&id).await;
-        return Err(RuntimeError::Tripwire {
-            message: err.to_string(),
-        });
-    }
     Ok((id, listener))
 }
 
@@ -755,21 +805,21 @@ async fn await_tripwire(
     listener: crate::tripwire::Listener,
     gateway: &crate::gateway::SessionGateway,
     progress: &Progress,
-) -> Result<tokio::task::JoinHandle<()>, RuntimeError> {
+) -> Result<crate::tripwire::Reports, RuntimeError> {
     let accepted = tokio::time::timeout(
         std::time::Duration::from_secs(20),
         listener.accept(gateway.attempt_recorder()),
     )
     .await;
     let failure = match accepted {
-        Ok(Ok((ready, task))) => {
+        Ok(Ok((ready, reports))) => {
             if !ready.ipv6 {
                 progress.step(&format!(
                     "warning: the tripwire routes IPv4 only ({}); IPv6 attempts fail unaudited",
                     ready.detail.as_deref().unwrap_or("no reason given")
                 ));
             }
-            return Ok(task);
+            return Ok(reports);
         }
         Ok(Err(err)) => err.to_string(),
         Err(_) => "it did not report ready within 20 s".to_owned(),
@@ -782,15 +832,6 @@ async fn await_tripwire(
             format!("{failure}; it said: {output}")
         },
     })
-}
-
-async fn remove_tripwire(
-    engine: &DockerEngine,
-    tripwire: Option<Result<(String, crate::tripwire::Listener), RuntimeError>>,
-) {
-    if let Some(Ok((id, _))) = tripwire {
-        let _ = engine.remove_container(&id).await;
-    }
 }
 
 /// Runs the created bottle container to its end, failing closed with the gateway.

@@ -152,20 +152,18 @@ impl Listener {
     }
 
     /// Accepts the tripwire's one connection, waits for its ready report, and then
-    /// records its attempts on a task of their own until it disconnects.
+    /// records its attempts on a task of their own until [`Reports::finish`].
     ///
     /// # Errors
     /// The tripwire closed the connection or said something else before it was ready.
-    pub async fn accept(
-        self,
-        recorder: AttemptRecorder,
-    ) -> std::io::Result<(Ready, tokio::task::JoinHandle<()>)> {
+    pub async fn accept(self, recorder: AttemptRecorder) -> std::io::Result<(Ready, Reports)> {
         let (stream, _) = self.listener.accept().await?;
         // One tripwire per session: nothing else is let in.
         drop(self.listener);
         let _ = std::fs::remove_file(&self.path);
         let std_stream = stream.into_std()?;
         std_stream.set_nonblocking(false)?;
+        let control = std_stream.try_clone()?;
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let task = tokio::task::spawn_blocking(move || {
             let mut reader = BufReader::new(std_stream).take(u64::MAX);
@@ -194,12 +192,29 @@ impl Listener {
             }
         });
         match ready_rx.await {
-            Ok(ready) => Ok((ready, task)),
+            Ok(ready) => Ok((ready, Reports { task, control })),
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "the tripwire disconnected before its device was ready",
             )),
         }
+    }
+}
+
+/// The flow of a running tripwire's reports into the audit log.
+#[derive(Debug)]
+pub struct Reports {
+    task: tokio::task::JoinHandle<()>,
+    control: UnixStream,
+}
+
+impl Reports {
+    /// Ends the session's tripwire: closing this side makes it exit (and Docker remove
+    /// it); what it reported before is read to the end first, so the last attempts are
+    /// in the log before the gateway's final line.
+    pub async fn finish(self) {
+        let _ = self.control.shutdown(std::net::Shutdown::Write);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.task).await;
     }
 }
 

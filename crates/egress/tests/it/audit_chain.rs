@@ -71,3 +71,67 @@ async fn the_chain_survives_a_restart_and_detects_modified_and_deleted_lines() {
     }
     drop(dir);
 }
+
+/// The tripwire's attempts land in the gateway's chain with their reason, the DNS name as
+/// the host, and the count of what the limiter held back.
+#[tokio::test]
+async fn tripwire_attempts_are_chained_events() {
+    use bot_bottle_egress::tripwire::{Attempt, Transport};
+
+    let gw = gateway(policy("rules: []\n"), &[]).await;
+    let recorder = gw.handle.attempt_recorder();
+    recorder.record(&Attempt {
+        transport: Transport::Dns,
+        destination: "10.255.255.53".parse().expect("ip"),
+        port: Some(53),
+        protocol: 17,
+        name: Some("leak.example".to_owned()),
+        suppressed: 0,
+    });
+    recorder.record(&Attempt {
+        transport: Transport::Tcp,
+        destination: "2001:db8::1".parse().expect("ip"),
+        port: Some(443),
+        protocol: 6,
+        name: None,
+        suppressed: 4,
+    });
+    let audit_path = gw.audit_path.clone();
+    let _dir = gw._dir;
+    gw.handle.shutdown().await;
+    let events = audit::read(&audit_path).expect("reads");
+    let direct: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == audit::EventKind::Direct)
+        .collect();
+    assert_eq!(direct.len(), 2, "{events:?}");
+    assert_eq!(direct[0].reason, "dns-query");
+    assert_eq!(direct[0].host.as_deref(), Some("leak.example"));
+    assert_eq!(direct[0].decision, audit::AuditDecision::Block);
+    assert!(
+        direct[0]
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("10.255.255.53")),
+        "{:?}",
+        direct[0]
+    );
+    assert_eq!(direct[1].reason, "direct-connection");
+    assert!(
+        direct[1]
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("4 more attempts")),
+        "{:?}",
+        direct[1]
+    );
+    let line = audit::format_event(direct[1]);
+    assert!(
+        line.contains("block direct TCP [2001:db8::1]:443 (direct-connection)"),
+        "{line}"
+    );
+    assert_eq!(
+        audit::verify(&audit_path).expect("verifies").lines,
+        events.len() as u64
+    );
+}
