@@ -154,9 +154,13 @@ struct AuditArgs {
 
 #[derive(Debug, Subcommand)]
 enum AuditAction {
-    /// Check the hash chain; names the first broken line
+    /// Check the hash chain (naming the first broken line) and that the log still reaches
+    /// the head recorded when its gateway last stopped
     Verify {
         slug: String,
+        /// Also check against a head kept elsewhere (a launch's `audit_head`), as SEQ:HASH
+        #[arg(long, value_name = "SEQ:HASH")]
+        expect: Option<audit::AuditHead>,
         #[arg(long)]
         json: bool,
     },
@@ -675,21 +679,54 @@ fn audit_path(slug: &str) -> Result<PathBuf, Failure> {
     Ok(path)
 }
 
+/// Verifies the chain, then that it reaches the head recorded beside it and the one the
+/// caller kept (if any); returns the heads it checked.
+fn verify_log(
+    path: &std::path::Path,
+    expect: Option<&audit::AuditHead>,
+) -> Result<(audit::VerifyReport, Vec<audit::AuditHead>), audit::AuditError> {
+    let mut heads: Vec<audit::AuditHead> = audit::read_head(path)?.into_iter().collect();
+    if let Some(expect) = expect
+        && !heads.contains(expect)
+    {
+        heads.push(expect.clone());
+    }
+    let mut report = audit::verify(path)?;
+    for head in &heads {
+        report = audit::verify_against(path, head)?;
+    }
+    Ok((report, heads))
+}
+
 async fn audit_command(args: AuditArgs) -> Result<i32, Failure> {
     match args.action {
-        Some(AuditAction::Verify { slug, json }) => {
+        Some(AuditAction::Verify { slug, expect, json }) => {
             let path = audit_path(&slug)?;
-            match audit::verify(&path) {
-                Ok(report) => {
+            let result = verify_log(&path, expect.as_ref());
+            match result {
+                Ok((report, heads)) => {
                     if json {
-                        print_json(
-                            &serde_json::json!({"slug": slug, "ok": true, "lines": report.lines, "last_hash": report.last_hash}),
-                        );
+                        print_json(&serde_json::json!({
+                            "slug": slug,
+                            "ok": true,
+                            "lines": report.lines,
+                            "last_seq": report.last_seq,
+                            "last_hash": report.last_hash,
+                            "heads_checked": heads,
+                        }));
                     } else {
                         println!(
-                            "ok: {} events, chain intact (last hash {})",
-                            report.lines, report.last_hash
+                            "ok: {} events, chain intact (last seq {}, hash {})",
+                            report.lines, report.last_seq, report.last_hash
                         );
+                        for head in &heads {
+                            println!("ok: reaches the head at seq {} ({})", head.seq, head.hash);
+                        }
+                        if heads.is_empty() {
+                            println!(
+                                "note: no head recorded beside the log; cut lines at its end would not show"
+                            );
+                        }
                     }
                     Ok(0)
                 }

@@ -166,6 +166,98 @@ pub enum AuditError {
     },
     #[error("cannot write the audit export")]
     Export(#[source] io::Error),
+    #[error(
+        "audit log `{path}` does not reach its recorded head: {problem}\nhint: lines were removed from the end of the log (or the head was taken from another log); keep both as evidence"
+    )]
+    Truncated { path: PathBuf, problem: String },
+}
+
+/// Where a log stood when its writer last stopped: the last line's sequence number and
+/// hash. A hash chain cannot show that lines were cut from its end; comparing it with a
+/// head kept elsewhere can. The gateway writes one beside the log ([`head_path`]) each
+/// time it stops, and launches print it for callers to keep in their own records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHead {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl std::str::FromStr for AuditHead {
+    type Err = String;
+
+    /// `SEQ:HASH`, as `audit verify --expect` takes it.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (seq, hash) = text
+            .split_once(':')
+            .ok_or_else(|| format!("`{text}` is not `SEQ:HASH`"))?;
+        let seq = seq
+            .parse()
+            .map_err(|_| format!("`{seq}` is not a sequence number"))?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("`{hash}` is not a 64-digit hex SHA-256"));
+        }
+        Ok(AuditHead {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+}
+
+/// `egress.jsonl` → `egress.head.json`, beside it.
+#[must_use]
+pub fn head_path(log: &Path) -> PathBuf {
+    log.with_extension("head.json")
+}
+
+/// The head recorded beside a log, if any.
+///
+/// # Errors
+/// The file exists but cannot be read or parsed.
+pub fn read_head(log: &Path) -> Result<Option<AuditHead>, AuditError> {
+    let path = head_path(log);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|err| AuditError::Read {
+                path,
+                source: io::Error::new(io::ErrorKind::InvalidData, err),
+            }),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(AuditError::Read { path, source }),
+    }
+}
+
+/// Verifies the chain and that it reaches `head`: the line numbered `head.seq` exists and
+/// has `head.hash`.
+///
+/// # Errors
+/// As [`verify`], or [`AuditError::Truncated`].
+pub fn verify_against(path: &Path, head: &AuditHead) -> Result<VerifyReport, AuditError> {
+    let file = File::open(path).map_err(|source| AuditError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut seen = None;
+    let report = verify_lines(BufReader::new(file), path, |seq, hash| {
+        if seq == head.seq {
+            seen = Some(hash.to_owned());
+        }
+    })?;
+    let truncated = |problem| AuditError::Truncated {
+        path: path.to_path_buf(),
+        problem,
+    };
+    match seen {
+        Some(hash) if hash == head.hash => Ok(report),
+        Some(hash) => Err(truncated(format!(
+            "line seq {} has hash {hash}, the head says {}",
+            head.seq, head.hash
+        ))),
+        None => Err(truncated(format!(
+            "the log ends at seq {}, the head is at seq {}",
+            report.last_seq, head.seq
+        ))),
+    }
 }
 
 /// The result of a successful [`verify`].
@@ -315,6 +407,46 @@ impl AuditLog {
     ///
     /// # Errors
     /// The fsync failed.
+    /// Where the chain stands now.
+    #[must_use]
+    pub fn head(&self) -> AuditHead {
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        AuditHead {
+            seq: state.seq,
+            hash: state.prev_hash.clone(),
+        }
+    }
+
+    /// Syncs the log, then records its head beside it ([`head_path`]), written to a
+    /// temporary file and renamed so a crash leaves the old head or the new one.
+    ///
+    /// # Errors
+    /// The sync or the head's write failed.
+    pub fn write_head(&self) -> Result<AuditHead, AuditError> {
+        self.sync()?;
+        let head = self.head();
+        let path = head_path(&self.path);
+        let temporary = path.with_extension("json.tmp");
+        let write = || -> io::Result<()> {
+            let mut options = std::fs::OpenOptions::new();
+            options.create(true).write(true).truncate(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                options.mode(0o600);
+            }
+            let mut file = options.open(&temporary)?;
+            file.write_all(&serde_json::to_vec(&head).map_err(io::Error::other)?)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &path)
+        };
+        write().map_err(|source| AuditError::Write { path, source })?;
+        Ok(head)
+    }
+
     pub fn sync(&self) -> Result<(), AuditError> {
         let state = self
             .state
@@ -414,6 +546,14 @@ pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
 /// # Errors
 /// As [`verify`].
 pub fn verify_reader<R: BufRead>(reader: R, path: &Path) -> Result<VerifyReport, AuditError> {
+    verify_lines(reader, path, |_, _| {})
+}
+
+fn verify_lines<R: BufRead>(
+    reader: R,
+    path: &Path,
+    mut each: impl FnMut(u64, &str),
+) -> Result<VerifyReport, AuditError> {
     let mut report = VerifyReport {
         lines: 0,
         last_seq: 0,
@@ -443,6 +583,7 @@ pub fn verify_reader<R: BufRead>(reader: R, path: &Path) -> Result<VerifyReport,
                 format!("sequence jumps from {} to {}", report.last_seq, event.seq),
             ));
         }
+        each(event.seq, &event.hash);
         report.lines = line_no;
         report.last_seq = event.seq;
         report.last_hash = event.hash;

@@ -509,7 +509,8 @@ impl GatewayHandle {
     }
 
     /// Stops accepting, cuts every open connection and tunnel (fail closed: nothing
-    /// outlives the gateway), writes a final event and syncs the log.
+    /// outlives the gateway), writes a final event, syncs the log and records its head
+    /// beside it ([`crate::audit::head_path`]).
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.accept.await;
@@ -517,7 +518,9 @@ impl GatewayHandle {
         if let Err(err) = self.shared.audit.append(stopped) {
             tracing::error!(error = %err, "audit write failed");
         }
-        let _ = self.shared.audit.sync();
+        if let Err(err) = self.shared.audit.write_head() {
+            tracing::error!(error = %err, "audit head write failed");
+        }
         if let Listen::Unix(path) = &self.local {
             let _ = std::fs::remove_file(path);
         }

@@ -211,6 +211,9 @@ pub struct SessionOutcome {
     pub slug: String,
     pub exit_code: i32,
     pub audit_log: PathBuf,
+    /// The log's head after this session: keep it elsewhere, and `bot-bottle audit
+    /// verify --expect SEQ:HASH` shows later whether lines were cut from the end.
+    pub audit_head: Option<bot_bottle_egress::audit::AuditHead>,
 }
 
 /// The agent uid: the host user's, so bind-mounted files keep their owner; 1000 when
@@ -586,11 +589,15 @@ pub async fn launch(
     if !bottle.is_preserved() {
         destroy(&options.home, &slug, progress).await?;
         let audit_log = options.home.archived_audit(&slug)?;
+        let audit_head = bot_bottle_egress::audit::read_head(&audit_log)
+            .ok()
+            .flatten();
         progress.step(&format!("agent exited {exit_code}; bottle removed (--rm)"));
         return Ok(SessionOutcome {
             slug,
             exit_code,
             audit_log,
+            audit_head,
         });
     }
     progress.step(&format!(
@@ -603,6 +610,9 @@ pub async fn launch(
     Ok(SessionOutcome {
         slug,
         exit_code,
+        audit_head: bot_bottle_egress::audit::read_head(&bottle.egress_log())
+            .ok()
+            .flatten(),
         audit_log: bottle.egress_log(),
     })
 }
@@ -988,7 +998,15 @@ pub async fn destroy(home: &Home, slug: &str, progress: &Progress) -> Result<(),
         if let Some(dir) = archive.parent() {
             bot_bottle_core::state::create_private_dir(dir)?;
         }
-        // Same filesystem (both under the home): a rename, atomic.
+        // Same filesystem (both under the home): renames, atomic; the head goes with it.
+        let head = bot_bottle_egress::audit::head_path(&log);
+        if head.exists() {
+            let archived_head = bot_bottle_egress::audit::head_path(&archive);
+            fs_err::rename(&head, &archived_head).map_err(|source| RuntimeError::Io {
+                path: head.clone(),
+                source,
+            })?;
+        }
         fs_err::rename(&log, &archive).map_err(|source| RuntimeError::Io {
             path: log.clone(),
             source,

@@ -74,8 +74,31 @@ fn docker_start_freeze_resume_destroy() {
     // The record of what the bottle sent out outlives it.
     let archived = project.home.path().join(format!("audit/{slug}.jsonl"));
     assert!(archived.is_file(), "the audit log was not archived");
-    let verify = project.run(&["audit", "verify", &slug]);
+    let verify = project.run(&["audit", "verify", &slug, "--json"]);
     assert_eq!(verify.status.code(), Some(0), "{}", stderr(&verify));
+    let report: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    let head = &report["heads_checked"][0];
+    assert_eq!(head["seq"], report["last_seq"], "{report}");
+    let expect = format!("{}:{}", head["seq"], head["hash"].as_str().unwrap());
+    // Cutting the last line leaves a valid chain; the head recorded at the session's end
+    // (and the copy a caller kept) show the cut.
+    let text = std::fs::read_to_string(&archived).unwrap();
+    let cut: Vec<&str> = text.lines().collect();
+    std::fs::write(&archived, cut[..cut.len() - 1].join("\n") + "\n").unwrap();
+    let verify = project.run(&["audit", "verify", &slug]);
+    assert_eq!(verify.status.code(), Some(1), "{}", stderr(&verify));
+    assert!(
+        stderr(&verify).contains("removed from the end"),
+        "{}",
+        stderr(&verify)
+    );
+    std::fs::remove_file(project.home.path().join(format!("audit/{slug}.head.json"))).unwrap();
+    let verify = project.run(&["audit", "verify", &slug, "--expect", &expect]);
+    assert_eq!(verify.status.code(), Some(1), "{}", stderr(&verify));
+    let verify = project.run(&["audit", "verify", &slug, "--expect", "12:nothex"]);
+    assert_eq!(verify.status.code(), Some(2), "{}", stderr(&verify));
+    assert!(stderr(&verify).contains("SEQ:HASH") || stderr(&verify).contains("64-digit"));
+    std::fs::write(&archived, text).unwrap();
     let out = project.run(&["ps", "--json"]);
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),

@@ -135,3 +135,46 @@ async fn tripwire_attempts_are_chained_events() {
         events.len() as u64
     );
 }
+
+/// A chain alone cannot show lines cut from its end; the head the gateway records when it
+/// stops can.
+#[tokio::test]
+async fn the_recorded_head_catches_a_cut_tail() {
+    let origin = origin().await;
+    let gw = gateway(
+        policy("rules:\n  - host: api.test\n"),
+        &[("api.test", origin)],
+    )
+    .await;
+    for path in ["/a", "/b"] {
+        curl(&gw.proxy_url(), &[&format!("http://api.test{path}")]).await;
+    }
+    let audit_path = gw.audit_path.clone();
+    let _dir = gw._dir;
+    gw.handle.shutdown().await;
+    let head = audit::read_head(&audit_path)
+        .expect("reads")
+        .expect("a head is written on shutdown");
+    let full = audit::verify(&audit_path).expect("verifies");
+    assert_eq!(
+        (head.seq, head.hash.clone()),
+        (full.last_seq, full.last_hash)
+    );
+    audit::verify_against(&audit_path, &head).expect("the whole log reaches its head");
+
+    let text = std::fs::read_to_string(&audit_path).expect("log");
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.pop();
+    std::fs::write(&audit_path, lines.join("\n") + "\n").expect("cut");
+    audit::verify(&audit_path).expect("a shorter chain still verifies on its own");
+    let err = audit::verify_against(&audit_path, &head).expect_err("the cut shows");
+    assert!(matches!(err, AuditError::Truncated { .. }), "{err}");
+    assert!(err.to_string().contains("removed from the end"), "{err}");
+
+    assert!("3:abc".parse::<audit::AuditHead>().is_err());
+    assert!("x:".parse::<audit::AuditHead>().is_err());
+    let parsed: audit::AuditHead = format!("{}:{}", head.seq, head.hash.to_uppercase())
+        .parse()
+        .expect("parses");
+    assert_eq!(parsed, head);
+}
