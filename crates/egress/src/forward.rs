@@ -274,6 +274,8 @@ pub(crate) async fn process(
 
     strip_hop_by_hop(&mut parts.headers);
     if websocket {
+        // No compression extension: every message must stay readable to the scanner.
+        parts.headers.remove("sec-websocket-extensions");
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -345,28 +347,47 @@ pub(crate) async fn process(
     if let (Some(client_upgrade), Some(upstream_upgrade)) = (client_upgrade, upstream_upgrade) {
         let shared_ws = shared.clone();
         let mut shutdown = shared.shutdown_signal();
+        let host = target.host.clone();
         tokio::spawn(async move {
-            let spliced = async {
+            let relayed = async {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                    Ok((client, upstream)) => {
-                        crate::body::splice(
+                    Ok((client, upstream)) => Some(
+                        crate::websocket::relay(
                             TokioIo::new(client),
                             TokioIo::new(upstream),
+                            &shared_ws.scanner,
+                            &host,
+                            shared_ws.over_cap,
                             SPLICE_GRACE,
                         )
-                        .await
-                    }
-                    Err(_) => (0, 0),
+                        .await,
+                    ),
+                    Err(_) => None,
                 }
             };
-            let (bytes_up, bytes_down) = tokio::select! {
-                counts = spliced => counts,
-                _ = shutdown.changed() => (0, 0),
+            let outcome = tokio::select! {
+                outcome = relayed => outcome.unwrap_or_default(),
+                _ = shutdown.changed() => crate::websocket::Outcome::default(),
             };
-            draft.bytes_up = bytes_up;
-            draft.bytes_down = bytes_down;
+            draft.bytes_up = outcome.bytes_up;
+            draft.bytes_down = outcome.bytes_down;
             draft.duration_ms = elapsed_ms(started);
-            draft.detail = Some("websocket: frames are not scanned".into());
+            draft.dlp = outcome
+                .findings
+                .iter()
+                .map(|f| record_of(f, Some("websocket")))
+                .collect();
+            let mut detail = format!("websocket: {} outbound messages scanned", outcome.scanned);
+            if let Some(note) = &outcome.unscanned {
+                detail.push_str("; ");
+                detail.push_str(note);
+            }
+            if let Some((reason, why)) = outcome.refusal {
+                draft.decision = AuditDecision::Block;
+                draft.reason = reason.into();
+                detail = format!("{why}; connection closed after {detail}");
+            }
+            draft.detail = Some(detail);
             shared_ws.record(draft);
         });
         return Response::from_parts(parts, full_body(Bytes::new()));

@@ -15,6 +15,7 @@ pub mod tls;
 pub mod tripwire;
 mod tunnel;
 mod upstream;
+mod websocket;
 
 pub use custody::{CustodyError, ResolvedCredential};
 pub use tls::{CertificateAuthority, TlsError};

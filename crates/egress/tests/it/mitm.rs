@@ -5,7 +5,7 @@ use bot_bottle_core::credential::{CredentialSource, CredentialSpec, Inject};
 use bot_bottle_egress::ResolvedCredential;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{TestPki, curl, policy, tls_gateway, tls_origin, traffic};
+use crate::support::{TestPki, audit_lines, curl, policy, tls_gateway, tls_origin, traffic};
 
 const RULES: &str = r#"
 rules:
@@ -684,10 +684,17 @@ fn sha256(s: &str) -> String {
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
 }
 
-/// An origin that upgrades `/v1/ws` and echoes every byte back.
+/// An origin that upgrades `/v1/ws` and echoes every byte back. It refuses an upgrade
+/// that offers extensions: the gateway must have removed them.
 fn websocket_echo() -> crate::support::Handler {
     std::sync::Arc::new(|mut req: hyper::Request<hyper::body::Incoming>| {
         Box::pin(async move {
+            if req.headers().contains_key("sec-websocket-extensions") {
+                let mut refused =
+                    hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                *refused.status_mut() = hyper::StatusCode::BAD_REQUEST;
+                return refused;
+            }
             let upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 if let Ok(upgraded) = upgrade.await {
@@ -718,6 +725,18 @@ fn websocket_echo() -> crate::support::Handler {
             response
         })
     })
+}
+
+/// A client frame, masked as RFC 6455 requires (short payloads only).
+fn ws_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let key = [0x11, 0x22, 0x33, 0x44];
+    let mut frame = vec![
+        if fin { 0x80 } else { 0 } | opcode,
+        0x80 | u8::try_from(payload.len()).expect("short payload"),
+    ];
+    frame.extend_from_slice(&key);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    frame
 }
 
 async fn tls_through(
@@ -761,7 +780,7 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
 }
 
 #[tokio::test]
-async fn websockets_are_decided_by_policy_then_spliced() {
+async fn websockets_are_decided_by_policy_and_their_messages_scanned() {
     let pki = TestPki::new();
     let origin = tls_origin(&pki, &["api.test"], Some(websocket_echo())).await;
     let (gw, ca) = tls_gateway(
@@ -774,7 +793,7 @@ async fn websockets_are_decided_by_policy_then_spliced() {
     let proxy = gw.handle.tcp_addr().expect("tcp");
     let upgrade = |path: &str| {
         format!(
-            "GET {path} HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
         )
     };
 
@@ -788,11 +807,29 @@ async fn websockets_are_decided_by_policy_then_spliced() {
         head.to_ascii_lowercase().contains("upgrade: websocket"),
         "{head}"
     );
-    ws.write_all(b"frames go both ways").await.expect("write");
-    let mut echoed = [0u8; 19];
+    let frame = ws_frame(true, 0x1, b"frames go both ways");
+    ws.write_all(&frame).await.expect("write");
+    let mut echoed = vec![0u8; frame.len()];
     ws.read_exact(&mut echoed).await.expect("echo");
-    assert_eq!(&echoed, b"frames go both ways");
+    assert_eq!(echoed, frame);
     drop(ws);
+
+    // A secret split over two fragments of one message: the message is scanned whole,
+    // never reaches the origin (which would echo it), and the bottle gets a 1008 close.
+    let mut leaky = tls_through(proxy, "api.test", &ca).await;
+    leaky
+        .write_all(upgrade("/v1/ws").as_bytes())
+        .await
+        .expect("write");
+    assert!(read_head(&mut leaky).await.starts_with("HTTP/1.1 101"));
+    let mut message = ws_frame(false, 0x1, b"{\"key\":\"AKIAQYLPMN");
+    message.extend(ws_frame(true, 0x0, b"5HHHFPZAM2\"}"));
+    leaky.write_all(&message).await.expect("write");
+    let mut close = [0u8; 4];
+    leaky.read_exact(&mut close).await.expect("a close frame");
+    assert_eq!(close[0], 0x88, "{close:?}");
+    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1008);
+    drop(leaky);
 
     let mut denied = tls_through(proxy, "api.test", &ca).await;
     denied
@@ -818,8 +855,28 @@ async fn websockets_are_decided_by_policy_then_spliced() {
     }
     let event = event.expect("websocket audited when it closes");
     assert_eq!(event["status"], 101);
-    assert_eq!(event["bytes_up"], 19);
-    assert_eq!(event["bytes_down"], 19);
+    assert_eq!(event["bytes_up"], 25);
+    assert_eq!(event["bytes_down"], 25);
+    let mut blocked = None;
+    for _ in 0..100 {
+        blocked = audit_lines(&gw.audit_path)
+            .into_iter()
+            .find(|e| e["reason"] == "dlp-blocked" && e["path"] == "/v1/ws");
+        if blocked.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let blocked = blocked.expect("the blocked message is audited");
+    assert_eq!(blocked["decision"], "block");
+    assert!(
+        blocked.to_string().contains("aws-access-key-id"),
+        "{blocked}"
+    );
+    assert!(
+        !blocked.to_string().contains("AKIAQYLPMN5HHHFPZAM2"),
+        "{blocked}"
+    );
     gw.handle.shutdown().await;
 }
 

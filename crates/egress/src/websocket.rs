@@ -1,0 +1,384 @@
+//! Websocket messages on their way out. After an allowed upgrade the gateway does not just
+//! splice bytes: every message the bottle sends is reassembled from its frames, unmasked
+//! and scanned like a request body before any of its frames go upstream. A message that
+//! carries a secret (or another host's placeholder) is not sent; the bottle gets a close
+//! frame with status 1008 and the connection ends. Messages from the server pass through.
+//!
+//! Compression extensions are not offered upstream (the upgrade's
+//! `Sec-WebSocket-Extensions` is removed), so payloads are plain; a frame with a reserved
+//! bit set is one the gateway cannot read, and is refused.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::dlp::{Action, Finding, FindingKind, Scanner};
+use crate::gateway::OverCap;
+
+const OP_CLOSE: u8 = 0x8;
+/// RFC 6455 close codes.
+const POLICY_VIOLATION: u16 = 1008;
+const MESSAGE_TOO_BIG: u16 = 1009;
+
+/// One frame as the bottle sent it, with its payload unmasked.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Frame {
+    pub fin: bool,
+    pub rsv: u8,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+    /// The frame's bytes exactly as received (still masked), to forward unchanged.
+    pub raw: Vec<u8>,
+}
+
+/// Reassembles frames from a byte stream.
+#[derive(Debug, Default)]
+pub(crate) struct FrameParser {
+    buf: Vec<u8>,
+}
+
+impl FrameParser {
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next whole frame, `Ok(None)` when more bytes are needed, or `Err(len)` when a
+    /// frame declares a payload over `max` (it would have to be buffered whole).
+    pub fn next(&mut self, max: usize) -> Result<Option<Frame>, u64> {
+        let [b0, b1, ..] = self.buf[..] else {
+            return Ok(None);
+        };
+        let masked = b1 & 0x80 != 0;
+        let (len, mut header) = match b1 & 0x7f {
+            126 => match self.buf.get(2..4) {
+                Some(ext) => (u64::from(u16::from_be_bytes([ext[0], ext[1]])), 4),
+                None => return Ok(None),
+            },
+            127 => match self.buf.get(2..10) {
+                Some(ext) => {
+                    let mut bytes = [0u8; 8];
+                    bytes.copy_from_slice(ext);
+                    (u64::from_be_bytes(bytes), 10)
+                }
+                None => return Ok(None),
+            },
+            short => (u64::from(short), 2),
+        };
+        let len_usize = usize::try_from(len).map_err(|_| len)?;
+        if len_usize > max {
+            return Err(len);
+        }
+        let mask = if masked {
+            let Some(key) = self.buf.get(header..header + 4) else {
+                return Ok(None);
+            };
+            let key = [key[0], key[1], key[2], key[3]];
+            header += 4;
+            Some(key)
+        } else {
+            None
+        };
+        let total = header + len_usize;
+        if self.buf.len() < total {
+            return Ok(None);
+        }
+        let raw: Vec<u8> = self.buf.drain(..total).collect();
+        let mut payload = raw[header..].to_vec();
+        if let Some(key) = mask {
+            for (i, byte) in payload.iter_mut().enumerate() {
+                *byte ^= key[i % 4];
+            }
+        }
+        Ok(Some(Frame {
+            fin: b0 & 0x80 != 0,
+            rsv: (b0 >> 4) & 0x7,
+            opcode: b0 & 0x0f,
+            payload,
+            raw,
+        }))
+    }
+}
+
+/// An unmasked close frame, as a server sends it.
+fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+    let reason = &reason.as_bytes()[..reason.len().min(123)];
+    let mut frame = vec![
+        0x80 | OP_CLOSE,
+        u8::try_from(2 + reason.len()).unwrap_or(125),
+    ];
+    frame.extend_from_slice(&code.to_be_bytes());
+    frame.extend_from_slice(reason);
+    frame
+}
+
+/// What happened on one websocket connection.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Messages (and control frames) the bottle sent that were scanned.
+    pub scanned: u64,
+    pub findings: Vec<Finding>,
+    /// Why the connection was cut: `(reason, detail)` for the audit.
+    pub refusal: Option<(&'static str, String)>,
+    /// Set when messages went on unscanned (over the cap with `OverCap::Log`).
+    pub unscanned: Option<String>,
+}
+
+/// What the outbound pump decided about one message.
+enum Verdict {
+    Forward,
+    Refuse(&'static str, String, u16),
+}
+
+fn judge(findings: &[Finding]) -> Verdict {
+    let blocking: Vec<&Finding> = findings
+        .iter()
+        .filter(|f| f.action == Action::Block)
+        .collect();
+    if blocking.is_empty() {
+        return Verdict::Forward;
+    }
+    let exfiltration = blocking.iter().any(|f| {
+        matches!(
+            f.kind,
+            FindingKind::Placeholder { .. } | FindingKind::CustodySecret { .. }
+        )
+    });
+    if exfiltration {
+        Verdict::Refuse(
+            "exfiltration-attempt",
+            "a websocket message carried a credential (or its placeholder) to a host it is not for"
+                .to_owned(),
+            POLICY_VIOLATION,
+        )
+    } else {
+        let ids: Vec<&str> = blocking.iter().map(|f| f.rule_id.as_str()).collect();
+        Verdict::Refuse(
+            "dlp-blocked",
+            format!("secret detected in a websocket message: {}", ids.join(", ")),
+            POLICY_VIOLATION,
+        )
+    }
+}
+
+/// Relays one upgraded connection, scanning what the bottle sends.
+pub(crate) async fn relay<C, U>(
+    client: C,
+    upstream: U,
+    scanner: &Scanner,
+    host: &str,
+    over_cap: OverCap,
+    grace: std::time::Duration,
+) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_read, client_write) = tokio::io::split(client);
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    // Both directions write to the bottle: the server's frames, and a refusal's close.
+    let client_write = Arc::new(tokio::sync::Mutex::new(client_write));
+    let down = AtomicU64::new(0);
+    let cap = scanner.max_decoded();
+    let mut outcome = Outcome::default();
+
+    let outbound = async {
+        let mut parser = FrameParser::default();
+        let mut message: Vec<u8> = Vec::new();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut passthrough = false;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            outcome.bytes_up += n as u64;
+            if passthrough {
+                if upstream_write.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            parser.push(&buf[..n]);
+            loop {
+                let frame = match parser.next(cap.saturating_sub(message.len())) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(len) => {
+                        let detail = format!(
+                            "a websocket message over the {cap}-byte scan cap ({len}-byte frame)"
+                        );
+                        if over_cap == OverCap::Block {
+                            return Some(("dlp-message-too-large", detail, MESSAGE_TOO_BIG));
+                        }
+                        // Everything from here on goes out as it comes, unscanned, and
+                        // the audit says so.
+                        outcome.unscanned = Some(format!("{detail}: the rest passed unscanned"));
+                        passthrough = true;
+                        let rest = std::mem::take(&mut parser.buf);
+                        pending.extend_from_slice(&rest);
+                        if upstream_write.write_all(&pending).await.is_err() {
+                            return None;
+                        }
+                        pending.clear();
+                        break;
+                    }
+                };
+                if frame.rsv != 0 {
+                    return Some((
+                        "dlp-undecodable-websocket",
+                        "a websocket frame uses an extension the gateway did not agree to"
+                            .to_owned(),
+                        POLICY_VIOLATION,
+                    ));
+                }
+                let control = frame.opcode & 0x8 != 0;
+                let whole = if control {
+                    frame.payload
+                } else {
+                    message.extend_from_slice(&frame.payload);
+                    pending.extend_from_slice(&frame.raw);
+                    if !frame.fin {
+                        continue;
+                    }
+                    std::mem::take(&mut message)
+                };
+                let findings = scanner.scan_for_host(&whole, host);
+                outcome.scanned += 1;
+                let verdict = judge(&findings);
+                outcome.findings.extend(findings);
+                if let Verdict::Refuse(reason, detail, code) = verdict {
+                    return Some((reason, detail, code));
+                }
+                let bytes = if control {
+                    frame.raw
+                } else {
+                    std::mem::take(&mut pending)
+                };
+                if upstream_write.write_all(&bytes).await.is_err() {
+                    return None;
+                }
+            }
+        }
+        let _ = upstream_write.shutdown().await;
+        None
+    };
+
+    let inbound = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match upstream_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if client_write
+                        .lock()
+                        .await
+                        .write_all(&buf[..n])
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    down.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        let _ = client_write.lock().await.shutdown().await;
+    };
+
+    let refusal = {
+        let mut outbound = std::pin::pin!(outbound);
+        let mut inbound = std::pin::pin!(inbound);
+        tokio::select! {
+            refused = &mut outbound => {
+                if refused.is_none() {
+                    let _ = tokio::time::timeout(grace, inbound).await;
+                }
+                refused
+            }
+            () = &mut inbound => {
+                tokio::time::timeout(grace, outbound).await.ok().flatten()
+            }
+        }
+    };
+    if let Some((reason, detail, code)) = refusal {
+        let mut writer = client_write.lock().await;
+        let _ = writer
+            .write_all(&close_frame(code, &format!("bot-bottle: {reason}")))
+            .await;
+        let _ = writer.shutdown().await;
+        outcome.refusal = Some((reason, detail));
+    }
+    outcome.bytes_down = down.into_inner();
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client frame: masked, as RFC 6455 requires of clients.
+    pub(crate) fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | u8::try_from(n).unwrap()),
+            n if n <= 0xffff => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&u16::try_from(n).unwrap().to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&key);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        frame
+    }
+
+    #[test]
+    fn frames_are_reassembled_across_reads_and_unmasked() {
+        let long = vec![b'x'; 70_000];
+        let mut bytes = client_frame(true, 0x1, b"hello");
+        bytes.extend(client_frame(false, 0x2, &long));
+        bytes.extend(client_frame(true, 0x9, b"ping"));
+        let mut parser = FrameParser::default();
+        let mut frames = Vec::new();
+        for chunk in bytes.chunks(1000) {
+            parser.push(chunk);
+            while let Some(frame) = parser.next(1 << 20).unwrap() {
+                frames.push(frame);
+            }
+        }
+        assert_eq!(frames.len(), 3);
+        assert_eq!(frames[0].payload, b"hello");
+        assert!(frames[0].fin);
+        assert_eq!(frames[1].payload, long);
+        assert!(!frames[1].fin);
+        assert_eq!(
+            (frames[2].opcode, &frames[2].payload[..]),
+            (0x9, &b"ping"[..])
+        );
+        let raw: Vec<u8> = frames.iter().flat_map(|f| f.raw.clone()).collect();
+        assert_eq!(raw, bytes, "raw bytes are forwarded unchanged");
+    }
+
+    #[test]
+    fn a_frame_over_the_cap_is_reported_not_buffered() {
+        let mut parser = FrameParser::default();
+        parser.push(&client_frame(true, 0x2, &[0u8; 300]));
+        assert_eq!(parser.next(100), Err(300));
+    }
+
+    #[test]
+    fn close_frames_carry_the_code() {
+        let frame = close_frame(POLICY_VIOLATION, "bot-bottle: dlp-blocked");
+        assert_eq!(frame[0], 0x88);
+        assert_eq!(usize::from(frame[1]), frame.len() - 2);
+        assert_eq!(u16::from_be_bytes([frame[2], frame[3]]), 1008);
+    }
+}
