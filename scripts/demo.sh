@@ -3,7 +3,9 @@
 # talking HTTPS to api.anthropic.com through the intercepting egress gateway, which routes
 # it to a scripted Anthropic Messages API on loopback and injects the API key the bottle
 # never sees.
-# It writes a file into the workspace, and the audit trail shows every request it made.
+# The scripted model first has the agent try two ways around the gateway (a direct
+# connection and a DNS lookup), then write a file. The audit trail shows every request it
+# made and both attempts, refused by the tripwire.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -39,6 +41,7 @@ export DEMO_ANTHROPIC_KEY="sk-ant-api03-demo-key-not-a-real-secret-0123456789"
 fixture_out="$work/fixture.json"
 "$bin/bot-bottle-fixture" --kind anthropic --expect-key "$DEMO_ANTHROPIC_KEY" \
   --tls-cert "$work/leaf.pem" --tls-key "$work/leaf.key" \
+  --shell "curl --noproxy '*' -sS -m 5 http://192.0.2.1/; getent hosts exfil.example; echo tried" \
   --write-file /workspace/hello.txt --content $'hello from inside a sealed bottle\n' >"$fixture_out" &
 fixture_pid=$!
 trap 'kill $fixture_pid 2>/dev/null || true' EXIT
@@ -83,8 +86,11 @@ echo "== the agent wrote $project/hello.txt:"
 cat "$project/hello.txt"
 echo
 echo "== audit trail of $slug ($BOT_BOTTLE_HOME/state/$slug/egress.jsonl):"
-"$bin/bot-bottle" audit "$slug"
+"$bin/bot-bottle" audit "$slug" | tee "$work/audit.txt"
 "$bin/bot-bottle" audit verify "$slug"
+for reason in direct-connection dns-query; do
+  grep -q "($reason)" "$work/audit.txt" || { echo "demo: no ($reason) event in the audit trail" >&2; exit 1; }
+done
 echo
 echo "== the bottle held only a placeholder for the API key:"
 docker inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "bot-bottle-$slug" | grep '^ANTHROPIC_API_KEY='

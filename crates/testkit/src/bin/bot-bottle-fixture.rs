@@ -35,6 +35,9 @@ struct Args {
     write_file: String,
     #[arg(long, default_value = "hello from the fixture\n")]
     content: String,
+    /// A shell command the scripted model asks the agent to run first (before the write).
+    #[arg(long)]
+    shell: Option<String>,
     /// The text of the final answer.
     #[arg(long, default_value = "done")]
     final_text: String,
@@ -55,13 +58,19 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
-    let script = Script::new(vec![
-        Turn::WriteFile {
-            path: args.write_file.clone(),
-            content: args.content.clone(),
-        },
-        Turn::Text(args.final_text.clone()),
-    ]);
+    let mut turns: Vec<Turn> = args
+        .shell
+        .iter()
+        .map(|command| Turn::Shell {
+            command: command.clone(),
+        })
+        .collect();
+    turns.push(Turn::WriteFile {
+        path: args.write_file.clone(),
+        content: args.content.clone(),
+    });
+    turns.push(Turn::Text(args.final_text.clone()));
+    let script = Script::new(turns);
     let mut config = FixtureConfig::new(script).with_listen(args.listen);
     config.expected_key = args.expect_key.clone();
     config.workspace = args.workspace.clone();
