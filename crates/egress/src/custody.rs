@@ -320,7 +320,7 @@ impl ResolvedCredential {
     }
 }
 
-fn replace_all(data: &[u8], pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+pub(crate) fn replace_all(data: &[u8], pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     let mut current = data.to_vec();
     for (secret, placeholder) in pairs {
         if memchr::memmem::find(&current, secret).is_none() {

@@ -348,6 +348,8 @@ pub(crate) async fn process(
         let shared_ws = shared.clone();
         let mut shutdown = shared.shutdown_signal();
         let host = target.host.clone();
+        let scrub: Vec<(Vec<u8>, Vec<u8>)> =
+            injected.iter().flat_map(|c| c.scrub_pairs()).collect();
         tokio::spawn(async move {
             let relayed = async {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
@@ -357,6 +359,7 @@ pub(crate) async fn process(
                             TokioIo::new(upstream),
                             &shared_ws.scanner,
                             &host,
+                            scrub,
                             shared_ws.over_cap,
                             SPLICE_GRACE,
                         )
@@ -378,6 +381,9 @@ pub(crate) async fn process(
                 .map(|f| record_of(f, Some("websocket")))
                 .collect();
             let mut detail = format!("websocket: {} outbound messages scanned", outcome.scanned);
+            if outcome.scrubbed {
+                detail.push_str("; server frames scrubbed of the injected credential");
+            }
             if let Some(note) = &outcome.unscanned {
                 detail.push_str("; ");
                 detail.push_str(note);

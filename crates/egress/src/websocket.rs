@@ -2,7 +2,9 @@
 //! splice bytes: every message the bottle sends is reassembled from its frames, unmasked
 //! and scanned like a request body before any of its frames go upstream. A message that
 //! carries a secret (or another host's placeholder) is not sent; the bottle gets a close
-//! frame with status 1008 and the connection ends. Messages from the server pass through.
+//! frame with status 1008 and the connection ends. Messages from the server pass through,
+//! except when a credential was injected into the upgrade: then they are re-framed with
+//! every echo of the real value replaced by its placeholder, as HTTP responses are.
 //!
 //! Compression extensions are not offered upstream (the upgrade's
 //! `Sec-WebSocket-Extensions` is removed), so payloads are plain; a frame with a reserved
@@ -100,16 +102,78 @@ impl FrameParser {
     }
 }
 
-/// An unmasked close frame, as a server sends it.
+/// An unmasked frame, as a server sends it.
+fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
+    match payload.len() {
+        len if len < 126 => frame.push(u8::try_from(len).unwrap_or(125)),
+        len => match u16::try_from(len) {
+            Ok(short) => {
+                frame.push(126);
+                frame.extend_from_slice(&short.to_be_bytes());
+            }
+            Err(_) => {
+                frame.push(127);
+                frame.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        },
+    }
+    frame.extend_from_slice(payload);
+    frame
+}
+
 fn close_frame(code: u16, reason: &str) -> Vec<u8> {
     let reason = &reason.as_bytes()[..reason.len().min(123)];
-    let mut frame = vec![
-        0x80 | OP_CLOSE,
-        u8::try_from(2 + reason.len()).unwrap_or(125),
-    ];
-    frame.extend_from_slice(&code.to_be_bytes());
-    frame.extend_from_slice(reason);
-    frame
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(reason);
+    server_frame(true, OP_CLOSE, &payload)
+}
+
+/// Replaces real credential values with their placeholders in the server's frames,
+/// streaming: a message is re-framed fragment by fragment, holding back the last
+/// `longest secret - 1` bytes so a value split across frames is still found.
+struct Scrubber {
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    hold: usize,
+    carry: Vec<u8>,
+    /// Whether a message's first fragment went out (the rest are continuations).
+    started: bool,
+}
+
+impl Scrubber {
+    fn new(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
+        let hold = pairs
+            .iter()
+            .map(|(secret, _)| secret.len())
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        Scrubber {
+            pairs,
+            hold,
+            carry: Vec::new(),
+            started: false,
+        }
+    }
+
+    /// The bytes to send the bottle for one server frame.
+    fn frame(&mut self, frame: &Frame) -> Vec<u8> {
+        if frame.opcode & 0x8 != 0 {
+            let mut payload = crate::custody::replace_all(&frame.payload, &self.pairs);
+            payload.truncate(125);
+            return server_frame(frame.fin, frame.opcode, &payload);
+        }
+        self.carry.extend_from_slice(&frame.payload);
+        let mut replaced = crate::custody::replace_all(&self.carry, &self.pairs);
+        self.carry = if frame.fin {
+            Vec::new()
+        } else {
+            replaced.split_off(replaced.len() - self.hold.min(replaced.len()))
+        };
+        let opcode = if self.started { 0 } else { frame.opcode };
+        self.started = !frame.fin;
+        server_frame(frame.fin, opcode, &replaced)
+    }
 }
 
 /// What happened on one websocket connection.
@@ -117,6 +181,8 @@ fn close_frame(code: u16, reason: &str) -> Vec<u8> {
 pub(crate) struct Outcome {
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Server frames re-framed to keep an echoed credential out of the bottle.
+    pub scrubbed: bool,
     /// Messages (and control frames) the bottle sent that were scanned.
     pub scanned: u64,
     pub findings: Vec<Finding>,
@@ -163,12 +229,14 @@ fn judge(findings: &[Finding]) -> Verdict {
     }
 }
 
-/// Relays one upgraded connection, scanning what the bottle sends.
+/// Relays one upgraded connection, scanning what the bottle sends, and scrubbing what it
+/// receives when `scrub` (real value → placeholder) is not empty.
 pub(crate) async fn relay<C, U>(
     client: C,
     upstream: U,
     scanner: &Scanner,
     host: &str,
+    scrub: Vec<(Vec<u8>, Vec<u8>)>,
     over_cap: OverCap,
     grace: std::time::Duration,
 ) -> Outcome
@@ -267,23 +335,57 @@ where
         None
     };
 
+    let scrubbing = !scrub.is_empty();
     let inbound = async {
+        let mut scrubber = scrubbing.then(|| Scrubber::new(scrub));
+        let mut parser = FrameParser::default();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match upstream_read.read(&mut buf).await {
+            let n = match upstream_read.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if client_write
-                        .lock()
-                        .await
-                        .write_all(&buf[..n])
-                        .await
-                        .is_err()
-                    {
+                Ok(n) => n,
+            };
+            down.fetch_add(n as u64, Ordering::Relaxed);
+            let Some(scrubber) = scrubber.as_mut() else {
+                if client_write
+                    .lock()
+                    .await
+                    .write_all(&buf[..n])
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                continue;
+            };
+            parser.push(&buf[..n]);
+            let mut out = Vec::new();
+            let mut oversized = None;
+            loop {
+                match parser.next(cap) {
+                    Ok(Some(frame)) => out.extend(scrubber.frame(&frame)),
+                    Ok(None) => break,
+                    Err(len) => {
+                        oversized = Some(len);
                         break;
                     }
-                    down.fetch_add(n as u64, Ordering::Relaxed);
                 }
+            }
+            let mut writer = client_write.lock().await;
+            if writer.write_all(&out).await.is_err() {
+                break;
+            }
+            if let Some(len) = oversized {
+                // A frame too large to hold cannot be scrubbed; it does not reach the
+                // bottle, which may hold no credential's real value.
+                let _ = writer
+                    .write_all(&close_frame(
+                        MESSAGE_TOO_BIG,
+                        "bot-bottle: server frame too large to scrub",
+                    ))
+                    .await;
+                tracing::warn!(len, "websocket server frame over the scrub cap; closed");
+                break;
             }
         }
         let _ = client_write.lock().await.shutdown().await;
@@ -313,6 +415,7 @@ where
         outcome.refusal = Some((reason, detail));
     }
     outcome.bytes_down = down.into_inner();
+    outcome.scrubbed = scrubbing;
     outcome
 }
 
@@ -372,6 +475,55 @@ mod tests {
         let mut parser = FrameParser::default();
         parser.push(&client_frame(true, 0x2, &[0u8; 300]));
         assert_eq!(parser.next(100), Err(300));
+    }
+
+    fn parse_all(bytes: &[u8]) -> Vec<Frame> {
+        let mut parser = FrameParser::default();
+        parser.push(bytes);
+        std::iter::from_fn(|| parser.next(1 << 20).unwrap()).collect()
+    }
+
+    #[test]
+    fn server_frames_are_scrubbed_across_fragments() {
+        let secret = b"sk-real-0123456789".to_vec();
+        let placeholder = b"sk-fake-ABCDEFGHIJKL".to_vec();
+        let mut scrubber = Scrubber::new(vec![(secret, placeholder)]);
+        let mut out = Vec::new();
+        for frame in [
+            server_frame(false, 0x1, b"your key is sk-real-01"),
+            server_frame(true, 0x9, b"ping sk-real-0123456789"),
+            server_frame(false, 0x0, b"23456789 and"),
+            server_frame(true, 0x0, b" again sk-real-0123456789"),
+        ] {
+            for parsed in parse_all(&frame) {
+                out.extend(scrubber.frame(&parsed));
+            }
+        }
+        let frames = parse_all(&out);
+        let message: Vec<u8> = frames
+            .iter()
+            .filter(|f| f.opcode & 0x8 == 0)
+            .flat_map(|f| f.payload.clone())
+            .collect();
+        assert_eq!(
+            String::from_utf8(message).unwrap(),
+            "your key is sk-fake-ABCDEFGHIJKL and again sk-fake-ABCDEFGHIJKL"
+        );
+        assert_eq!(frames[0].opcode, 0x1, "the message keeps its opcode");
+        assert!(
+            frames
+                .iter()
+                .skip(1)
+                .filter(|f| f.opcode & 0x8 == 0)
+                .all(|f| f.opcode == 0)
+        );
+        assert!(frames.last().unwrap().fin);
+        let ping = frames.iter().find(|f| f.opcode == 0x9).unwrap();
+        assert_eq!(ping.payload, b"ping sk-fake-ABCDEFGHIJKL");
+        assert!(
+            !out.windows(18).any(|w| w == b"sk-real-0123456789"),
+            "the real value reached the bottle"
+        );
     }
 
     #[test]

@@ -880,6 +880,100 @@ async fn websockets_are_decided_by_policy_and_their_messages_scanned() {
     gw.handle.shutdown().await;
 }
 
+/// An origin that upgrades and then echoes the injected `x-api-key` back in a server
+/// message split over two frames, as a careless API might.
+fn websocket_key_echo() -> crate::support::Handler {
+    std::sync::Arc::new(|mut req: hyper::Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            let key = req
+                .headers()
+                .get("x-api-key")
+                .map(|v| v.as_bytes().to_vec())
+                .unwrap_or_default();
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = upgrade.await {
+                    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                    let mut text = b"{\"echo\":\"".to_vec();
+                    text.extend_from_slice(&key);
+                    text.extend_from_slice(b"\"}");
+                    let (first, second) = text.split_at(text.len() / 2);
+                    let frame = |fin: bool, opcode: u8, payload: &[u8]| {
+                        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+                        f.push(u8::try_from(payload.len()).expect("short"));
+                        f.extend_from_slice(payload);
+                        f
+                    };
+                    let mut bytes = frame(false, 0x1, first);
+                    bytes.extend(frame(true, 0x0, second));
+                    let _ = io.write_all(&bytes).await;
+                    let mut sink = [0u8; 64];
+                    while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+                }
+            });
+            let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+            *response.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+            let headers = response.headers_mut();
+            headers.insert(
+                "upgrade",
+                hyper::header::HeaderValue::from_static("websocket"),
+            );
+            headers.insert(
+                "connection",
+                hyper::header::HeaderValue::from_static("upgrade"),
+            );
+            response
+        })
+    })
+}
+
+#[tokio::test]
+async fn a_websocket_server_echoing_the_injected_key_is_scrubbed() {
+    const KEY: &str = "sk-ant-api03-WSECHOREALVALUE0123456789abcdefghij";
+    let pki = TestPki::new();
+    let origin = tls_origin(&pki, &["api.test"], Some(websocket_key_echo())).await;
+    let anthropic = credential(
+        "anthropic",
+        "api.test",
+        Inject::Header("x-api-key".into()),
+        KEY,
+    );
+    let placeholder = anthropic.placeholder().to_owned();
+    let (gw, ca) = tls_gateway(
+        policy("rules:\n  - host: api.test\n"),
+        &[("api.test", origin)],
+        &pki,
+        vec![anthropic],
+    )
+    .await;
+    let proxy = gw.handle.tcp_addr().expect("tcp");
+    let mut ws = tls_through(proxy, "api.test", &ca).await;
+    ws.write_all(
+        format!("GET /ws HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nx-api-key: {placeholder}\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    assert!(read_head(&mut ws).await.starts_with("HTTP/1.1 101"));
+    let mut received = Vec::new();
+    let mut buf = [0u8; 512];
+    while !received.ends_with(b"\"}") {
+        let n = tokio::time::timeout(Duration::from_secs(5), ws.read(&mut buf))
+            .await
+            .expect("frames arrive")
+            .expect("read");
+        assert!(n > 0, "closed early: {received:?}");
+        received.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&received);
+    assert!(
+        !text.contains(KEY),
+        "the real key reached the bottle: {text}"
+    );
+    assert!(text.contains(&placeholder), "{text}");
+    drop(ws);
+    gw.handle.shutdown().await;
+}
+
 /// An origin that closes the connection after every response.
 fn closing_origin() -> crate::support::Handler {
     std::sync::Arc::new(|req: hyper::Request<hyper::body::Incoming>| {
