@@ -234,7 +234,6 @@ impl DockerEngine {
         tag: &str,
         progress: &Progress,
     ) -> Result<(), DockerError> {
-        let (repo, tag_part) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
         let bytes = tokio::fs::read(tarball)
             .await
             .map_err(|source| DockerError::Io {
@@ -242,11 +241,22 @@ impl DockerEngine {
                 source,
             })?;
         progress.step(&format!("importing base image ({} MiB)", bytes.len() >> 20));
+        self.import_archive(bytes, tag, "base").await
+    }
+
+    /// Imports a root filesystem tar held in memory as `tag`, labelled with `kind`.
+    pub async fn import_archive(
+        &self,
+        bytes: Vec<u8>,
+        tag: &str,
+        kind: &str,
+    ) -> Result<(), DockerError> {
+        let (repo, tag_part) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
         let options = CreateImageOptions {
             from_src: Some("-".to_owned()),
             repo: Some(repo.to_owned()),
             tag: Some(tag_part.to_owned()),
-            changes: vec![format!("LABEL {LABEL_MANAGED}=1 {LABEL_KIND}=base")],
+            changes: vec![format!("LABEL {LABEL_MANAGED}=1 {LABEL_KIND}={kind}")],
             ..CreateImageOptions::default()
         };
         let mut stream =

@@ -246,6 +246,41 @@ pub fn with_build_ca_trust(dockerfile: &str, uid_after: Option<&str>) -> String 
 }
 
 /// Makes sure the bottle image exists, building it if not. Returns its tag.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DockerError + use<> {
+    let path = path.to_owned();
+    move |source| DockerError::Io { path, source }
+}
+
+/// The tripwire's image: empty but for the directories its mounts land on. The tripwire
+/// runs as root, so it never runs in a rootfs the agent could have touched (a frozen
+/// image is one); its only program is the static binary mounted from the host.
+pub const TRIPWIRE_IMAGE: &str = "bot-bottle/tripwire:1";
+
+/// Imports [`TRIPWIRE_IMAGE`] once.
+pub async fn ensure_tripwire_image(engine: &DockerEngine) -> Result<String, DockerError> {
+    if engine.image_exists(TRIPWIRE_IMAGE).await? {
+        return Ok(TRIPWIRE_IMAGE.to_owned());
+    }
+    let mut archive = Archive::new();
+    for dir in [
+        "dev",
+        "proc",
+        "sys",
+        "etc",
+        "opt",
+        "opt/bot-bottle",
+        "run",
+        "tmp",
+    ] {
+        archive.dir(dir, 0, 0o755).map_err(io(Path::new(dir)))?;
+    }
+    let bytes = archive.finish().map_err(io(Path::new("tripwire image")))?;
+    engine
+        .import_archive(bytes, TRIPWIRE_IMAGE, "tripwire-image")
+        .await?;
+    Ok(TRIPWIRE_IMAGE.to_owned())
+}
+
 pub async fn ensure_bottle_image(
     engine: &DockerEngine,
     image: &ImagePlan,
@@ -273,10 +308,6 @@ pub async fn ensure_bottle_image(
         Vec::new()
     };
     let mut archive = Archive::new();
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| DockerError::Io { path, source }
-    };
     // A user Dockerfile may COPY from its own directory: send that as the context.
     if let Some(dir) = dockerfile_dir {
         archive.tree(dir, "", 0).map_err(io(dir))?;

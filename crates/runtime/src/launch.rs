@@ -663,7 +663,7 @@ async fn run_session(
     // the engine starts the tripwire; the bottle starts only once both are up.
     let serving = tokio::spawn(prepared.serve());
     let tripwire = match options.gateway.tripwire {
-        TripwireMode::On => match create_tripwire(engine, bottle, &image, options).await {
+        TripwireMode::On => match create_tripwire(engine, bottle, options).await {
             Ok(created) => Some(created),
             Err(err) => {
                 abandon(serving).await;
@@ -789,7 +789,6 @@ async fn abandon(
 async fn create_tripwire(
     engine: &DockerEngine,
     bottle: &BottleDir,
-    image: &str,
     options: &LaunchOptions,
 ) -> Result<(String, crate::tripwire::Listener), RuntimeError> {
     let dir = bottle.path().join("tripwire");
@@ -797,7 +796,8 @@ async fn create_tripwire(
         path: dir.clone(),
         source,
     })?;
-    let config = tripwire_config(bottle.slug(), image, &options.shim_binary, &dir);
+    let image = crate::images::ensure_tripwire_image(engine).await?;
+    let config = tripwire_config(bottle.slug(), &image, &options.shim_binary, &dir);
     // Numbered by session: the last session's tripwire may still be being removed.
     let session = bottle.read_metadata()?.map_or(0, |m| m.sessions);
     let name = format!(
