@@ -352,6 +352,19 @@ impl std::fmt::Debug for AttemptRecorder {
 }
 
 impl AttemptRecorder {
+    /// Records a count of attempts the tripwire refused but did not report one by one.
+    pub fn record_held_back(&self, count: u64) {
+        let mut event = EventDraft::new(
+            EventKind::Direct,
+            AuditDecision::Block,
+            "direct-attempts-held-back",
+        );
+        event.detail = Some(format!(
+            "{count} more direct attempts (repeats within 5 s, or over 20 a second) were refused by the tripwire and counted, not logged one by one"
+        ));
+        self.shared.record(event);
+    }
+
     pub fn record(&self, attempt: &Attempt) {
         let mut event = EventDraft::new(
             EventKind::Direct,

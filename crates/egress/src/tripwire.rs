@@ -94,6 +94,11 @@ pub enum Report {
         detail: Option<String>,
     },
     Attempt(Attempt),
+    /// Attempts the [`Limiter`] held back with no later attempt to carry their count
+    /// (sent after a quiet second, and when the tripwire stops).
+    HeldBack {
+        count: u64,
+    },
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -508,6 +513,11 @@ impl Limiter {
     pub fn held_back(&self) -> u64 {
         self.held_back
     }
+
+    /// Takes the count of held-back attempts, to report on its own.
+    pub fn take_held_back(&mut self) -> u64 {
+        std::mem::take(&mut self.held_back)
+    }
 }
 
 #[cfg(test)]
@@ -722,6 +732,9 @@ mod tests {
         let later = start + Duration::from_secs(6);
         let sent = limiter.admit(attempt(1), later).unwrap();
         assert_eq!(sent.suppressed, 2);
+        assert!(limiter.admit(attempt(1), later).is_none());
+        assert_eq!(limiter.take_held_back(), 1);
+        assert_eq!(limiter.held_back(), 0);
         assert_eq!(limiter.held_back(), 0);
     }
 }

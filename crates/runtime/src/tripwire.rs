@@ -80,18 +80,22 @@ pub fn run(socket: &Path) -> Result<(), TripwireError> {
                 PollFd::new(tun.as_fd(), PollFlags::POLLIN),
                 PollFd::new(host.as_fd(), PollFlags::POLLIN),
             ];
-            poll(&mut fds, PollTimeout::NONE).map_err(std::io::Error::from)?;
+            // A quiet second flushes what the limiter held back.
+            poll(&mut fds, PollTimeout::from(1000u16)).map_err(std::io::Error::from)?;
             let any = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
             (any(&fds[0]), any(&fds[1]))
         };
         if host_ready {
-            // The host never writes; readable means closed: the session is over.
+            // The host never writes; readable means closed: the session is over. Its
+            // side is only shut for writing, so the last count still reaches it.
             let mut byte = [0u8; 1];
             if matches!(host.read(&mut byte), Ok(0) | Err(_)) {
+                flush_held_back(&mut host, &mut limiter)?;
                 return Ok(());
             }
         }
         if !tun_ready {
+            flush_held_back(&mut host, &mut limiter)?;
             continue;
         }
         let len = tun.read(&mut packet)?;
@@ -105,6 +109,13 @@ pub fn run(socket: &Path) -> Result<(), TripwireError> {
         {
             send(&mut host, &Report::Attempt(attempt))?;
         }
+    }
+}
+
+fn flush_held_back(host: &mut UnixStream, limiter: &mut Limiter) -> Result<(), TripwireError> {
+    match limiter.take_held_back() {
+        0 => Ok(()),
+        count => send(host, &Report::HeldBack { count }),
     }
 }
 
@@ -187,6 +198,7 @@ impl Listener {
                         }
                     }
                     Ok(Report::Attempt(attempt)) => recorder.record(&attempt),
+                    Ok(Report::HeldBack { count }) => recorder.record_held_back(count),
                     Err(err) => tracing::warn!(error = %err, "unreadable tripwire report"),
                 }
             }
