@@ -164,7 +164,7 @@ enum AuditAction {
         #[arg(long)]
         json: bool,
     },
-    /// Write the log as JSONL or CSV (for a SIEM), after verifying it
+    /// Write the log as JSONL or CSV (for a SIEM), after verifying it and its recorded head
     Export {
         slug: String,
         #[arg(long, value_enum, default_value = "jsonl")]
@@ -749,6 +749,11 @@ async fn audit_command(args: AuditArgs) -> Result<i32, Failure> {
             output,
         }) => {
             let path = audit_path(&slug)?;
+            // A SIEM gets nothing from a log that was cut at its end, either.
+            verify_log(&path, None).map_err(|err| Failure {
+                code: 1,
+                error: anyhow::Error::new(err),
+            })?;
             let reader = std::io::BufReader::new(
                 std::fs::File::open(&path)
                     .with_context(|| format!("cannot open `{}`", path.display()))?,
