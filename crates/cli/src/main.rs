@@ -431,7 +431,8 @@ async fn start(args: StartArgs) -> Result<i32, Failure> {
         spec.label = Some(launch::unique_label(&home, &label, &progress)?);
     }
     if dry_run {
-        let plan = launch::make_plan(&spec, &home)?;
+        let tripwire = launch::GatewaySettings::from_env()?.tripwire;
+        let plan = launch::make_plan(&spec, &home, tripwire)?;
         print_plan(&plan, args.json);
         return Ok(0);
     }

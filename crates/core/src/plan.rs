@@ -72,6 +72,8 @@ pub struct HostFacts {
     /// `<cwd>/.bot-bottle`, when it exists: mounted read-only over the workspace's copy so
     /// the agent cannot rewrite the manifests that decide its next session's policy.
     pub workspace_manifests: Option<PathBuf>,
+    /// The tripwire is off (`BOT_BOTTLE_TRIPWIRE=off`): direct attempts fail unaudited.
+    pub tripwire_off: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -116,6 +118,8 @@ pub struct BottlePlan {
     pub bottles: Vec<String>,
     pub headless: bool,
     pub resume: bool,
+    /// Direct attempts (around the gateway) are refused and audited by the tripwire.
+    pub tripwire: bool,
     pub image: ImagePlan,
     pub argv: Vec<String>,
     /// Environment of the agent. Never holds a secret: credential variables get
@@ -360,6 +364,7 @@ pub fn plan(
         bottles: bottle_names,
         headless: spec.prompt.is_some(),
         resume,
+        tripwire: !host.tripwire_off,
         image: ImagePlan {
             base,
             dockerfile,
@@ -409,9 +414,14 @@ impl BottlePlan {
             (false, false) => "interactive",
         };
         let _ = writeln!(out, "mode       {mode}");
+        let direct = if self.tripwire {
+            "direct attempts refused and audited by the tripwire"
+        } else {
+            "tripwire off: direct attempts fail unaudited"
+        };
         let _ = writeln!(
             out,
-            "network    none (only the egress gateway, via 127.0.0.1:{PROXY_PORT})"
+            "network    none (only the egress gateway, via 127.0.0.1:{PROXY_PORT}; {direct})"
         );
         let audit = format!("{:?}", self.egress.audit_level()).to_lowercase();
         let _ = writeln!(out, "egress     default deny, audit {audit}");

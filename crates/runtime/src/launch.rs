@@ -157,8 +157,10 @@ impl GatewaySettings {
             Err(_) | Ok("" | "on" | "1" | "true") => TripwireMode::On,
             Ok("off" | "0" | "false") => TripwireMode::Off,
             Ok(other) => {
-                return Err(RuntimeError::Tripwire {
-                    message: format!("`BOT_BOTTLE_TRIPWIRE={other}` is not `on` or `off`"),
+                return Err(RuntimeError::Policy {
+                    message: format!(
+                        "`BOT_BOTTLE_TRIPWIRE={other}` is not `on` or `off`\nhint: unset it (the tripwire is on by default) or set it to `off`"
+                    ),
                 });
             }
         };
@@ -246,16 +248,25 @@ fn load_catalog(spec: &BottleSpec, home: &Home) -> Result<Catalog, RuntimeError>
 }
 
 /// Loads the manifests and resolves the plan (pure apart from reading files).
-pub fn make_plan(spec: &BottleSpec, home: &Home) -> Result<BottlePlan, RuntimeError> {
-    plan_with(spec, &load_catalog(spec, home)?)
+pub fn make_plan(
+    spec: &BottleSpec,
+    home: &Home,
+    tripwire: TripwireMode,
+) -> Result<BottlePlan, RuntimeError> {
+    plan_with(spec, &load_catalog(spec, home)?, tripwire)
 }
 
-fn plan_with(spec: &BottleSpec, catalog: &Catalog) -> Result<BottlePlan, RuntimeError> {
+fn plan_with(
+    spec: &BottleSpec,
+    catalog: &Catalog,
+    tripwire: TripwireMode,
+) -> Result<BottlePlan, RuntimeError> {
     let manifests = spec.cwd.join(".bot-bottle");
     let mut host = HostFacts {
         agent_uid: agent_uid_for_host(),
         default_backend: "docker".to_owned(),
         workspace_manifests: manifests.is_dir().then_some(manifests),
+        tripwire_off: tripwire == TripwireMode::Off,
         ..HostFacts::default()
     };
     for (bottle, _) in catalog.bottles.values() {
@@ -521,7 +532,7 @@ pub async fn launch(
 ) -> Result<SessionOutcome, RuntimeError> {
     let progress = &options.progress;
     let catalog = load_catalog(spec, &options.home)?;
-    let mut plan = plan_with(spec, &catalog)?;
+    let mut plan = plan_with(spec, &catalog, options.gateway.tripwire)?;
     check_workspace_writable(&plan)?;
     if let Some(confirm) = &options.confirm
         && !confirm(&plan)

@@ -206,6 +206,33 @@ fn dry_run_json_is_machine_readable() {
     assert_eq!(plan["bottles"], serde_json::json!(["plain"]));
     assert_eq!(plan["env"]["HTTPS_PROXY"], "http://127.0.0.1:3128");
     assert_eq!(plan["env"]["NO_PROXY"], "localhost,127.0.0.1,::1");
+    assert_eq!(plan["tripwire"], true);
+}
+
+#[test]
+fn the_tripwire_switch_shows_in_the_plan_and_rejects_bad_values() {
+    let args = [
+        "start",
+        "worker",
+        "--headless",
+        "--prompt",
+        "x",
+        "--dry-run",
+    ];
+    let mut project = project();
+    project
+        .env
+        .push(("BOT_BOTTLE_TRIPWIRE".to_owned(), "off".to_owned()));
+    let out = project.run(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("tripwire off: direct attempts fail unaudited"),
+        "{}",
+        stdout(&out)
+    );
+    project.env = vec![("BOT_BOTTLE_TRIPWIRE".to_owned(), "maybe".to_owned())];
+    let out = project.run(&args);
+    assert_error(&out, 78, &["BOT_BOTTLE_TRIPWIRE=maybe", "`on` or `off`"]);
 }
 
 #[test]
