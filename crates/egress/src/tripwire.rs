@@ -158,7 +158,7 @@ fn inspect_v4(packet: &[u8]) -> Option<Inspection> {
     }
     let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
     let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
-    if dst.is_multicast() || dst.is_broadcast() || dst.is_unspecified() {
+    if dst.is_unspecified() {
         return None;
     }
     let ip = Ip {
@@ -168,6 +168,9 @@ fn inspect_v4(packet: &[u8]) -> Option<Inspection> {
         packet: &packet[..total],
         payload: &packet[header_len..total],
     };
+    if dst.is_multicast() || dst.is_broadcast() {
+        return inspect_group(&ip);
+    }
     inspect_transport(&ip)
 }
 
@@ -181,8 +184,7 @@ fn inspect_v6(packet: &[u8]) -> Option<Inspection> {
     }
     let src = Ipv6Addr::from(<[u8; 16]>::try_from(&packet[8..24]).ok()?);
     let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&packet[24..40]).ok()?);
-    // Multicast is the kernel's own neighbour discovery and listener reports on the link.
-    if dst.is_multicast() || dst.is_unspecified() {
+    if dst.is_unspecified() {
         return None;
     }
     let ip = Ip {
@@ -192,7 +194,31 @@ fn inspect_v6(packet: &[u8]) -> Option<Inspection> {
         packet: &packet[..40 + payload_len],
         payload: &packet[40..40 + payload_len],
     };
+    if dst.is_multicast() {
+        return inspect_group(&ip);
+    }
     inspect_transport(&ip)
+}
+
+/// A packet to a multicast or broadcast address. A datagram (mDNS, SSDP, a LAN broadcast)
+/// is an attempt, but gets no answer: ICMP errors are never sent about group traffic. The
+/// rest (IGMP, ICMPv6 neighbour discovery and listener reports) is the kernel's own.
+fn inspect_group(ip: &Ip<'_>) -> Option<Inspection> {
+    if ip.protocol != UDP || ip.payload.len() < 8 {
+        return None;
+    }
+    let port = u16::from_be_bytes([ip.payload[2], ip.payload[3]]);
+    Some(Inspection {
+        attempt: Some(Attempt {
+            transport: Transport::Udp,
+            destination: ip.dst,
+            port: Some(port),
+            protocol: UDP,
+            name: None,
+            suppressed: 0,
+        }),
+        reply: None,
+    })
 }
 
 fn inspect_transport(ip: &Ip<'_>) -> Option<Inspection> {
@@ -647,6 +673,11 @@ mod tests {
         assert_eq!(inspect(&v4(dst, ICMP, &echo_reply)), Inspection::default());
         let gre = inspect(&v4(dst, 47, &[0; 8])).attempt.unwrap();
         assert_eq!((gre.transport, gre.protocol), (Transport::Ip, 47));
+        let broadcast = inspect(&v4(Ipv4Addr::BROADCAST, UDP, &udp_segment(67, b"x")));
+        assert_eq!(broadcast.attempt.unwrap().port, Some(67));
+        assert_eq!(broadcast.reply, None);
+        let igmp = v4(Ipv4Addr::new(224, 0, 0, 22), 2, &[0x22; 8]);
+        assert_eq!(inspect(&igmp), Inspection::default(), "the kernel's own");
     }
 
     #[test]
@@ -667,6 +698,10 @@ mod tests {
             inspect(&ip_packet(src, solicit, ICMPV6, &rs)),
             Inspection::default()
         );
+        let mdns: IpAddr = "ff02::fb".parse().unwrap();
+        let seen = inspect(&ip_packet(src, mdns, UDP, &udp_segment(5353, b"q")));
+        assert_eq!(seen.attempt.unwrap().destination, mdns);
+        assert_eq!(seen.reply, None, "no ICMP error about group traffic");
         let echo = inspect(&ip_packet(src, dst, ICMPV6, &[128, 0, 0, 0, 0, 0, 0, 0]));
         let reply = echo.reply.unwrap();
         assert!(checksum_ok(dst, src, ICMPV6, &reply[40..]));

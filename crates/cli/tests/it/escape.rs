@@ -22,6 +22,7 @@ sealed() { if eval "$2" >/dev/null 2>&1; then echo "$1 ESCAPED"; else echo "$1 S
 sealed direct-ip 'curl --noproxy "*" -sS -m 5 http://192.0.2.1/'
 sealed dns 'getent hosts example.com'
 sealed udp 'exec 3<>/dev/udp/192.0.2.1/9; echo x >&3; read -t 5 line <&3'
+sealed multicast 'exec 3<>/dev/udp/224.0.0.251/5353; echo x >&3; read -t 2 line <&3'
 sealed ipv6 'curl --noproxy "*" -sS -m 5 "http://[2001:db8::1]/"'
 sealed no-proxy-vars 'env -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy curl -sS -m 5 https://blocked.example/'
 probe connect-disallowed https://evil.example/
@@ -65,7 +66,7 @@ fn docker_escape_suite() {
             .unwrap_or_else(|| panic!("no result for {name}:\n{text}"))
             .to_owned()
     };
-    for name in ["direct-ip", "dns", "udp", "ipv6", "no-proxy-vars"] {
+    for name in ["direct-ip", "dns", "udp", "multicast", "ipv6", "no-proxy-vars"] {
         assert_eq!(line(name), format!("{name} SEALED"), "{text}");
     }
     let expect = [
@@ -133,6 +134,7 @@ fn docker_escape_suite() {
         ("192.0.2.1", "direct-connection", 80),
         ("example.com", "dns-query", 53),
         ("192.0.2.1", "direct-datagram", 9),
+        ("224.0.0.251", "direct-datagram", 5353),
         ("2001:db8::1", "direct-connection", 80),
         ("blocked.example", "dns-query", 53),
     ];
