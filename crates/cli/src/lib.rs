@@ -45,7 +45,7 @@ use bot_bottle_core::state::Home;
 use bot_bottle_runtime::launch::{self, LaunchOptions, RuntimeError};
 use bot_bottle_runtime::progress::Progress;
 
-pub use bot_bottle_runtime::launch::{GatewaySettings, exit_codes};
+pub use bot_bottle_runtime::launch::{GatewaySettings, TripwireMode, exit_codes};
 
 /// A failed bottle operation.
 #[derive(Debug, thiserror::Error)]
