@@ -66,7 +66,14 @@ fn docker_escape_suite() {
             .unwrap_or_else(|| panic!("no result for {name}:\n{text}"))
             .to_owned()
     };
-    for name in ["direct-ip", "dns", "udp", "multicast", "ipv6", "no-proxy-vars"] {
+    for name in [
+        "direct-ip",
+        "dns",
+        "udp",
+        "multicast",
+        "ipv6",
+        "no-proxy-vars",
+    ] {
         assert_eq!(line(name), format!("{name} SEALED"), "{text}");
     }
     let expect = [
@@ -148,19 +155,23 @@ fn docker_escape_suite() {
             "no `{reason}` event for {host}:{port} in the audit log: {events:?}"
         );
     }
-    // The burst: one `direct-connection` line, the other 29 counted (carried by a later
-    // line or reported on their own when the tripwire stops), none lost.
+    // The burst: a `direct-connection` line, the rest counted (reported on their own
+    // when the tripwire stops, nothing coming after them to carry the count), none lost.
     let burst = events
         .iter()
         .filter(|e| e["host"] == "192.0.2.7" && e["reason"] == "direct-connection")
         .count();
-    assert_eq!(burst, 1, "{events:?}");
     let counted: u64 = events
         .iter()
         .filter(|e| e["reason"] == "direct-attempts-held-back")
         .filter_map(|e| e["detail"].as_str()?.split(' ').next()?.parse::<u64>().ok())
         .sum();
-    assert!(counted >= 29, "held-back attempts not reported: {events:?}");
+    // On a slow machine the burst may outlast the 5 s window and take a second line.
+    assert!((1..30).contains(&burst), "{events:?}");
+    assert!(
+        burst as u64 + counted >= 30,
+        "held-back attempts not reported: {events:?}"
+    );
     let log = std::fs::read_to_string(
         project
             .home
