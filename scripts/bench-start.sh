@@ -19,6 +19,7 @@ printf -- '---\nprovider: command\ncommand: ["true"]\nbottles: plain\n---\n' >"$
 printf -- '---\negress:\n  rules: []\n---\n' >"$work/p/.bot-bottle/bottles/plain.md"
 export BOT_BOTTLE_HOME="$work/home" BOT_BOTTLE_LOOPBACK_ONLY=1
 cd "$work/p"
+"$bin" trust >/dev/null
 image=$("$bin" start bench --headless --prompt x --dry-run --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["image"]["tag"])')
 # Warm-up: builds the images once (not measured), then one untimed run of each.
 "$bin" start bench --headless --prompt x --json >/dev/null

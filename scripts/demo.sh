@@ -73,6 +73,9 @@ credentials:
 BOTTLE
 
 cd "$project"
+# Project manifests decide egress, mounts and credentials; a headless start uses them only
+# once they were trusted as they are (an interactive start asks in its preflight).
+"$bin/bot-bottle" trust
 echo "demo: the plan" >&2
 "$bin/bot-bottle" start implementer --headless --prompt "Write hello.txt" --dry-run
 # The gateway routes api.anthropic.com to the loopback fixture and refuses anything

@@ -144,6 +144,7 @@ pub struct Client {
     shim: PathBuf,
     gateway: GatewaySettings,
     quiet: bool,
+    trust_project_manifests: bool,
 }
 
 impl Client {
@@ -157,6 +158,7 @@ impl Client {
             shim: shim.into(),
             gateway: GatewaySettings::default(),
             quiet: false,
+            trust_project_manifests: false,
         }
     }
 
@@ -173,6 +175,7 @@ impl Client {
             shim: shim_binary()?,
             gateway: GatewaySettings::from_env()?,
             quiet: false,
+            trust_project_manifests: launch::trust_project_manifests_from_env(),
         })
     }
 
@@ -181,6 +184,15 @@ impl Client {
     #[must_use]
     pub fn with_gateway(mut self, gateway: GatewaySettings) -> Self {
         self.gateway = gateway;
+        self
+    }
+
+    /// Use project manifests without checking that the user trusted them as they are
+    /// (`bot-bottle trust`). Off by default: a project's manifests decide egress, mounts
+    /// and credential commands that run on this host, and a working tree can change them.
+    #[must_use]
+    pub fn trust_project_manifests(mut self, trust: bool) -> Self {
+        self.trust_project_manifests = trust;
         self
     }
 
@@ -200,6 +212,7 @@ impl Client {
             confirm: None,
             agent_stdout_to_stderr: false,
             remove_after: false,
+            trust_project_manifests: self.trust_project_manifests,
         }
     }
 
@@ -322,6 +335,7 @@ pub fn launch_options(home: Home, quiet: bool) -> Result<LaunchOptions, BottleEr
         confirm: None,
         agent_stdout_to_stderr: false,
         remove_after: false,
+        trust_project_manifests: launch::trust_project_manifests_from_env(),
     })
 }
 

@@ -49,6 +49,9 @@ enum Command {
     Agents(JsonArgs),
     /// List the bottles visible from here, and where each came from
     Bottles(JsonArgs),
+    /// Trust this project's manifests as they are now (read them first: they decide
+    /// egress, mounts and credential commands that run on this host)
+    Trust(JsonArgs),
     /// Show, verify or export a bottle's egress audit log
     Audit(AuditArgs),
     /// Verify a signed provenance record offline, or export the signing public key
@@ -331,6 +334,7 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Ps(args) => ps(args.json).await,
         Command::Agents(args) => list_manifests(true, args.json),
         Command::Bottles(args) => list_manifests(false, args.json),
+        Command::Trust(args) => trust_command(args.json),
         Command::Audit(args) => audit_command(args).await,
         Command::Provenance(action) => provenance_command(action),
         Command::Completions { shell } => {
@@ -432,7 +436,8 @@ async fn start(args: StartArgs) -> Result<i32, Failure> {
     }
     if dry_run {
         let tripwire = launch::GatewaySettings::from_env()?.tripwire;
-        let plan = launch::make_plan(&spec, &home, tripwire)?;
+        let check_trust = !launch::trust_project_manifests_from_env();
+        let plan = launch::make_plan(&spec, &home, tripwire, check_trust)?;
         print_plan(&plan, args.json);
         return Ok(0);
     }
@@ -595,6 +600,35 @@ async fn ps(json: bool) -> Result<i32, Failure> {
         );
     }
     Ok(0)
+}
+
+fn trust_command(json: bool) -> Result<i32, Failure> {
+    let home = Home::from_env().map_err(RuntimeError::from)?;
+    let cwd = current_dir()?;
+    match launch::trust_manifests(&cwd, &home)? {
+        Some(project) => {
+            if json {
+                print_json(&serde_json::json!({
+                    "root": project.root,
+                    "sha256": project.digest,
+                }));
+            } else {
+                println!(
+                    "trusted the manifests in {} as they are now (sha256 {}); any change needs `bot-bottle trust` again",
+                    project.root.display(),
+                    project.digest
+                );
+            }
+            Ok(0)
+        }
+        None => Err(usage(
+            &format!(
+                "no `.bot-bottle/` at or above `{}`: nothing to trust",
+                cwd.display()
+            ),
+            "run this in a project that has manifests; those in ~/.bot-bottle are always trusted",
+        )),
+    }
 }
 
 fn list_manifests(agents: bool, json: bool) -> Result<i32, Failure> {

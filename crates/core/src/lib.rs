@@ -12,3 +12,4 @@ pub mod provenance;
 pub mod provider;
 pub mod slug;
 pub mod state;
+pub mod trust;

@@ -133,6 +133,10 @@ pub struct BottlePlan {
     pub backend: String,
     pub agent_uid: u32,
     pub files: Vec<ProvisionedFile>,
+    /// Set (by the launcher, which reads the trust store) when the project manifests
+    /// behind this plan are new or changed since the user last trusted them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub untrusted_manifests: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -385,6 +389,7 @@ pub fn plan(
         backend,
         agent_uid: host.agent_uid,
         files,
+        untrusted_manifests: None,
     })
 }
 
@@ -394,6 +399,13 @@ impl BottlePlan {
     #[must_use]
     pub fn render(&self) -> String {
         let mut out = String::new();
+        if let Some(root) = &self.untrusted_manifests {
+            let _ = writeln!(
+                out,
+                "WARNING    the project manifests in {} are new or changed since you last trusted them;\n           they decide this bottle's egress, mounts and credentials (whose commands run on this host).\n           Read them before you answer y: going on trusts them.",
+                root.display()
+            );
+        }
         let identity = self.identity.as_deref().unwrap_or("(assigned at launch)");
         let _ = writeln!(out, "bottle     {identity}");
         let _ = writeln!(out, "label      {}", self.label);

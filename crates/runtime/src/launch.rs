@@ -12,6 +12,7 @@ use bot_bottle_core::plan::{
 use bot_bottle_core::provider::{AGENT_HOME, BOTTLE_CA_PATH, SYSTEM_CA_BUNDLE, WORKSPACE};
 use bot_bottle_core::slug::{new_identity, slugify, uniquify_label};
 use bot_bottle_core::state::{BottleDir, Home, Metadata, StateError, Status};
+use bot_bottle_core::trust::{ProjectManifests, TrustStore, project_manifests};
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -75,6 +76,10 @@ pub enum RuntimeError {
         "the tripwire did not come up: {message}\nhint: it needs `/dev/net/tun` on the Docker host; `BOT_BOTTLE_TRIPWIRE=off` runs bottles without it (direct attempts still fail, but are not audited)"
     )]
     Tripwire { message: String },
+    #[error(
+        "the project manifests in `{root}` are not trusted as they are (new, or changed since they were trusted)\nhint: they decide the bottle's egress, mounts and credentials, whose `command` sources run on this host; read them, then run `bot-bottle trust` in that project (or start it interactively and answer y)"
+    )]
+    UntrustedManifests { root: PathBuf },
     #[error("launch cancelled")]
     Declined,
     #[error("{message}")]
@@ -100,7 +105,8 @@ impl RuntimeError {
             | Self::Plan(_)
             | Self::Policy { .. }
             | Self::Config(_)
-            | Self::WorkspaceNotWritable { .. } => exit_codes::CONFIG,
+            | Self::WorkspaceNotWritable { .. }
+            | Self::UntrustedManifests { .. } => exit_codes::CONFIG,
             Self::State(_) | Self::UnknownSlug { .. } | Self::NothingToResume { .. } => {
                 exit_codes::STATE
             }
@@ -205,6 +211,16 @@ pub struct LaunchOptions {
     /// Remove the bottle after its session (container, state; the audit log is archived)
     /// instead of keeping it for `freeze`/`resume`.
     pub remove_after: bool,
+    /// Use project manifests without checking the trust store
+    /// (`BOT_BOTTLE_TRUST_PROJECT_MANIFESTS=1`: CI and hosts whose repositories are
+    /// trusted by other means).
+    pub trust_project_manifests: bool,
+}
+
+/// `BOT_BOTTLE_TRUST_PROJECT_MANIFESTS=1`.
+#[must_use]
+pub fn trust_project_manifests_from_env() -> bool {
+    std::env::var("BOT_BOTTLE_TRUST_PROJECT_MANIFESTS").is_ok_and(|v| v == "1" || v == "true")
 }
 
 /// The result of one agent session.
@@ -248,12 +264,55 @@ fn load_catalog(spec: &BottleSpec, home: &Home) -> Result<Catalog, RuntimeError>
 }
 
 /// Loads the manifests and resolves the plan (pure apart from reading files).
+/// `check_trust` marks the plan when its project manifests are not trusted as they are.
 pub fn make_plan(
     spec: &BottleSpec,
     home: &Home,
     tripwire: TripwireMode,
+    check_trust: bool,
 ) -> Result<BottlePlan, RuntimeError> {
-    plan_with(spec, &load_catalog(spec, home)?, tripwire)
+    let catalog = load_catalog(spec, home)?;
+    let mut plan = plan_with(spec, &catalog, tripwire)?;
+    if check_trust {
+        untrusted_manifests(spec, &catalog, home, &mut plan)?;
+    }
+    Ok(plan)
+}
+
+/// Marks the plan when the project manifests it came from are not trusted as they are,
+/// and returns them (to trust once the user agrees). A resumed bottle runs on the
+/// manifests snapshotted when it started, which were decided on then.
+fn untrusted_manifests(
+    spec: &BottleSpec,
+    catalog: &Catalog,
+    home: &Home,
+    plan: &mut BottlePlan,
+) -> Result<Option<ProjectManifests>, RuntimeError> {
+    if spec.identity.is_some() {
+        return Ok(None);
+    }
+    let Some(project) = project_manifests(catalog)? else {
+        return Ok(None);
+    };
+    if TrustStore::new(home).is_trusted(&project)? {
+        return Ok(None);
+    }
+    plan.untrusted_manifests = Some(project.root.clone());
+    Ok(Some(project))
+}
+
+/// Trusts the project manifests of the working directory `cwd` as they are now
+/// (`bot-bottle trust`); returns them, or `None` when there are none.
+///
+/// # Errors
+/// The manifests do not parse, or the store cannot be written.
+pub fn trust_manifests(cwd: &Path, home: &Home) -> Result<Option<ProjectManifests>, RuntimeError> {
+    let catalog = Catalog::resolve(cwd, home.root())?;
+    let Some(project) = project_manifests(&catalog)? else {
+        return Ok(None);
+    };
+    TrustStore::new(home).trust(&project)?;
+    Ok(Some(project))
 }
 
 fn plan_with(
@@ -533,11 +592,27 @@ pub async fn launch(
     let progress = &options.progress;
     let catalog = load_catalog(spec, &options.home)?;
     let mut plan = plan_with(spec, &catalog, options.gateway.tripwire)?;
+    let untrusted = if options.trust_project_manifests {
+        None
+    } else {
+        untrusted_manifests(spec, &catalog, &options.home, &mut plan)?
+    };
     check_workspace_writable(&plan)?;
+    if let Some(project) = &untrusted
+        && options.confirm.is_none()
+    {
+        return Err(RuntimeError::UntrustedManifests {
+            root: project.root.clone(),
+        });
+    }
     if let Some(confirm) = &options.confirm
         && !confirm(&plan)
     {
         return Err(RuntimeError::Declined);
+    }
+    // The user read the plan, warning included, and went on.
+    if let Some(project) = &untrusted {
+        TrustStore::new(&options.home).trust(project)?;
     }
     let engine = DockerEngine::connect().await?;
     options.home.ensure()?;

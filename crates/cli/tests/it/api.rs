@@ -35,6 +35,7 @@ fn client(project: &Project) -> Client {
             ..GatewaySettings::default()
         })
         .quiet(true)
+        .trust_project_manifests(true)
 }
 
 fn options(project: &Project, prompt: &str) -> StartOptions {

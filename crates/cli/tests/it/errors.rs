@@ -292,3 +292,50 @@ fn completions_are_generated() {
     assert!(script.contains("complete -F _bot__bottle"), "{script}");
     assert!(script.contains("freeze"), "{script}");
 }
+
+/// Project manifests decide egress, mounts and credential commands that run on the host,
+/// and a working tree (or a cloned repository) can change them: a headless start uses them
+/// only once they were trusted as they are, and any change needs trusting again.
+#[test]
+fn untrusted_project_manifests_are_refused_until_trusted() {
+    let mut project = project();
+    project.env = vec![
+        (
+            "BOT_BOTTLE_TRUST_PROJECT_MANIFESTS".to_owned(),
+            "0".to_owned(),
+        ),
+        (
+            "DOCKER_HOST".to_owned(),
+            "unix:///nonexistent/docker.sock".to_owned(),
+        ),
+    ];
+    let start = ["start", "worker", "--headless", "--prompt", "x"];
+    let out = project.run(&start);
+    assert_error(&out, 78, &["not trusted as they are", "bot-bottle trust"]);
+    let mut dry = start.to_vec();
+    dry.push("--dry-run");
+    let out = project.run(&dry);
+    assert!(
+        stdout(&out).contains("are new or changed since you last trusted them"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = project.run(&["trust", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let trusted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(trusted["sha256"].as_str().unwrap().len(), 64);
+    // Past the trust check, the launch goes on to the (unreachable) engine.
+    let out = project.run(&start);
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    let out = project.run(&dry);
+    assert!(!stdout(&out).contains("WARNING"), "{}", stdout(&out));
+
+    // What the agent would do from a bind-mounted workspace: widen the policy.
+    project.bottle(
+        "plain",
+        "---\negress:\n  rules:\n    - host: evil.example\n---\n",
+    );
+    let out = project.run(&start);
+    assert_error(&out, 78, &["not trusted as they are"]);
+}

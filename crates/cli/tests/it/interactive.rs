@@ -45,8 +45,10 @@ impl Terminal {
             "BOT_BOTTLE_UPSTREAM_OVERRIDES".to_owned(),
             format!("BOT_BOTTLE_HOME={}", project.home.path().display()),
             "BOT_BOTTLE_LOOPBACK_ONLY=1".to_owned(),
-            bin().display().to_string(),
+            "BOT_BOTTLE_TRUST_PROJECT_MANIFESTS=1".to_owned(),
         ];
+        command.extend(project.env.iter().map(|(k, v)| format!("{k}={v}")));
+        command.push(bin().display().to_string());
         command.extend(args.iter().map(|arg| (*arg).to_owned()));
         let script = format!(
             "{}; echo $? > {}; stty -a > {}; exec sleep 3600",
@@ -252,7 +254,12 @@ fn picker_project() -> Project {
 
 #[test]
 fn interactive_pickers_then_declined_preflight_launches_nothing() {
-    let project = picker_project();
+    let mut project = picker_project();
+    // The trust check on: the preflight warns that these manifests were never trusted.
+    project.env.push((
+        "BOT_BOTTLE_TRUST_PROJECT_MANIFESTS".to_owned(),
+        "0".to_owned(),
+    ));
     let terminal = Terminal::start(&project, &["start"]);
 
     let screen = terminal.wait_text("? Agent:", STEP);
@@ -295,9 +302,17 @@ fn interactive_pickers_then_declined_preflight_launches_nothing() {
     ] {
         assert!(has_line(&screen, line), "no `{line}` in:\n{screen}");
     }
+    assert!(
+        screen.contains("are new or changed since you last trusted them"),
+        "no trust warning in:\n{screen}"
+    );
     terminal.line("n");
 
     assert_eq!(terminal.exit_code(STEP), 75, "{}", terminal.screen());
+    assert!(
+        !project.home.path().join("trusted-manifests.json").exists(),
+        "declining trusted the manifests"
+    );
     assert!(
         project.state_dirs().is_empty(),
         "a declined launch left state: {:?}",

@@ -271,6 +271,7 @@ fn direct(project: &Project, args: &[&str]) -> std::process::Command {
         .current_dir(project.path())
         .env("BOT_BOTTLE_HOME", project.home.path())
         .env("BOT_BOTTLE_LOOPBACK_ONLY", "1")
+        .env("BOT_BOTTLE_TRUST_PROJECT_MANIFESTS", "1")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     cmd
