@@ -221,6 +221,18 @@ impl Drop for Terminal {
     }
 }
 
+fn wait_until_file(path: &std::path::Path) {
+    let deadline = Instant::now() + STEP;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "`{}` was not written",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn has_line(screen: &str, line: &str) -> bool {
     screen.lines().any(|l| l.trim_end() == line)
 }
@@ -328,7 +340,12 @@ const TRAP_SCRIPT: &str =
 
 #[test]
 fn docker_interactive_attach_input_resize_ctrl_c_and_exit_code() {
-    let project = picker_project();
+    let mut project = picker_project();
+    // The trust check on: answering y at the preflight trusts the manifests.
+    project.env.push((
+        "BOT_BOTTLE_TRUST_PROJECT_MANIFESTS".to_owned(),
+        "0".to_owned(),
+    ));
     std::fs::write(project.path().join("trap.sh"), TRAP_SCRIPT).unwrap();
     let terminal = Terminal::start(&project, &["start", "sheller"]);
 
@@ -342,6 +359,7 @@ fn docker_interactive_attach_input_resize_ctrl_c_and_exit_code() {
     terminal.keys(&["Enter"]);
     terminal.wait_text("Launch this bottle? (y/N)", STEP);
     terminal.line("y");
+    wait_until_file(&project.home.path().join("trusted-manifests.json"));
 
     terminal.wait_for("the agent's shell prompt", LAUNCH, |screen| {
         screen
