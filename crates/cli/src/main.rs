@@ -606,13 +606,17 @@ fn trust_command(json: bool) -> Result<i32, Failure> {
     let home = Home::from_env().map_err(RuntimeError::from)?;
     let cwd = current_dir()?;
     match launch::trust_manifests(&cwd, &home)? {
-        Some(project) => {
+        Some((project, summary)) => {
             if json {
                 print_json(&serde_json::json!({
                     "root": project.root,
                     "sha256": project.digest,
+                    "allows": summary,
                 }));
             } else {
+                for line in &summary {
+                    println!("{line}");
+                }
                 println!(
                     "trusted the manifests in {} as they are now (sha256 {}); any change needs `bot-bottle trust` again",
                     project.root.display(),

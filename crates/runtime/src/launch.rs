@@ -306,13 +306,70 @@ fn untrusted_manifests(
 ///
 /// # Errors
 /// The manifests do not parse, or the store cannot be written.
-pub fn trust_manifests(cwd: &Path, home: &Home) -> Result<Option<ProjectManifests>, RuntimeError> {
+pub fn trust_manifests(
+    cwd: &Path,
+    home: &Home,
+) -> Result<Option<(ProjectManifests, Vec<String>)>, RuntimeError> {
     let catalog = Catalog::resolve(cwd, home.root())?;
     let Some(project) = project_manifests(&catalog)? else {
         return Ok(None);
     };
     TrustStore::new(home).trust(&project)?;
-    Ok(Some(project))
+    Ok(Some((project, trust_summary(&catalog))))
+}
+
+/// What trusting a project's manifests allows, one line per bottle: what it can reach,
+/// which host secrets it reads (and how), and which host paths it mounts.
+fn trust_summary(catalog: &Catalog) -> Vec<String> {
+    use bot_bottle_core::credential::CredentialSource;
+    let mut lines = Vec::new();
+    for (name, (bottle, origin)) in &catalog.bottles {
+        if *origin != Origin::Project {
+            continue;
+        }
+        let hosts: Vec<&str> = bottle
+            .front
+            .egress
+            .rules
+            .iter()
+            .map(|rule| rule.host.as_str())
+            .collect();
+        let mut line = format!(
+            "bottle {name}: egress to {}",
+            if hosts.is_empty() {
+                "nothing".to_owned()
+            } else {
+                hosts.join(", ")
+            }
+        );
+        for credential in &bottle.front.credentials {
+            let source = match &credential.source {
+                CredentialSource::Env(var) => format!("env {var}"),
+                CredentialSource::File(path) => format!("file {}", path.display()),
+                CredentialSource::Command(command) => {
+                    format!("RUNS ON THIS HOST: {command}")
+                }
+            };
+            line.push_str(&format!(
+                "; credential {} ({source}) for {}",
+                credential.name,
+                credential.hosts.join(", ")
+            ));
+        }
+        for mount in &bottle.front.mounts {
+            line.push_str(&format!(
+                "; mounts {} ({})",
+                mount.source.display(),
+                if mount.readonly {
+                    "read-only"
+                } else {
+                    "read-write"
+                }
+            ));
+        }
+        lines.push(line);
+    }
+    lines
 }
 
 fn plan_with(

@@ -325,6 +325,10 @@ fn untrusted_project_manifests_are_refused_until_trusted() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let trusted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(trusted["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        trusted["allows"],
+        serde_json::json!(["bottle plain: egress to nothing"])
+    );
     // Past the trust check, the launch goes on to the (unreachable) engine.
     let out = project.run(&start);
     assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
@@ -338,4 +342,29 @@ fn untrusted_project_manifests_are_refused_until_trusted() {
     );
     let out = project.run(&start);
     assert_error(&out, 78, &["not trusted as they are"]);
+
+    // `trust` says what it allows, host commands first among them.
+    project.bottle(
+        "plain",
+        "---
+egress:
+  rules:
+    - host: api.example
+credentials:
+  - name: token
+    source: {command: \"pass show token\"}
+    hosts: [api.example]
+    inject: bearer
+---
+",
+    );
+    let out = project.run(&["trust"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(
+            "bottle plain: egress to api.example; credential token (RUNS ON THIS HOST: pass show token) for api.example"
+        ),
+        "{}",
+        stdout(&out)
+    );
 }
