@@ -207,7 +207,7 @@ pub fn container_config(
 /// TUN device, and runs nothing but `bot-bottle tripwire` (mounted like the shim). Root,
 /// because configuring a device takes it, with every capability dropped but
 /// `CAP_NET_ADMIN`, which reaches no further than this namespace of loopback and a
-/// device that leads nowhere.
+/// device that leads nowhere. Half a CPU, 64 MiB and 8 pids at most.
 #[must_use]
 pub fn tripwire_config(
     slug: &str,
@@ -267,6 +267,8 @@ pub fn tripwire_config(
             auto_remove: Some(true),
             memory: Some(64 << 20),
             memory_swap: Some(64 << 20),
+            // A bottle that floods its tripwire burns its own time, not the host's.
+            nano_cpus: Some(500_000_000),
             pids_limit: Some(8),
             init: Some(false),
             ipc_mode: Some("private".to_owned()),
