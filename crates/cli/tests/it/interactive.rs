@@ -221,6 +221,15 @@ impl Drop for Terminal {
     }
 }
 
+/// The harness trusts every project's manifests; this project is checked as a user's is.
+fn checking_trust(mut project: Project) -> Project {
+    project.env.push((
+        "BOT_BOTTLE_TRUST_PROJECT_MANIFESTS".to_owned(),
+        "0".to_owned(),
+    ));
+    project
+}
+
 fn wait_until_file(path: &std::path::Path) {
     let deadline = Instant::now() + STEP;
     while !path.exists() {
@@ -266,12 +275,8 @@ fn picker_project() -> Project {
 
 #[test]
 fn interactive_pickers_then_declined_preflight_launches_nothing() {
-    let mut project = picker_project();
     // The trust check on: the preflight warns that these manifests were never trusted.
-    project.env.push((
-        "BOT_BOTTLE_TRUST_PROJECT_MANIFESTS".to_owned(),
-        "0".to_owned(),
-    ));
+    let project = checking_trust(picker_project());
     let terminal = Terminal::start(&project, &["start"]);
 
     let screen = terminal.wait_text("? Agent:", STEP);
@@ -340,12 +345,8 @@ const TRAP_SCRIPT: &str =
 
 #[test]
 fn docker_interactive_attach_input_resize_ctrl_c_and_exit_code() {
-    let mut project = picker_project();
     // The trust check on: answering y at the preflight trusts the manifests.
-    project.env.push((
-        "BOT_BOTTLE_TRUST_PROJECT_MANIFESTS".to_owned(),
-        "0".to_owned(),
-    ));
+    let project = checking_trust(picker_project());
     std::fs::write(project.path().join("trap.sh"), TRAP_SCRIPT).unwrap();
     let terminal = Terminal::start(&project, &["start", "sheller"]);
 

@@ -707,24 +707,29 @@ fn websocket_echo() -> crate::support::Handler {
                     }
                 }
             });
-            let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
-            *response.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
-            let headers = response.headers_mut();
-            headers.insert(
-                "upgrade",
-                hyper::header::HeaderValue::from_static("websocket"),
-            );
-            headers.insert(
-                "connection",
-                hyper::header::HeaderValue::from_static("upgrade"),
-            );
-            headers.insert(
-                "sec-websocket-accept",
-                hyper::header::HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
-            );
-            response
+            switching_to_websocket()
         })
     })
+}
+
+/// An origin's `101 Switching Protocols` answer to a websocket upgrade.
+fn switching_to_websocket() -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+    *response.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(
+        "upgrade",
+        hyper::header::HeaderValue::from_static("websocket"),
+    );
+    headers.insert(
+        "connection",
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        "sec-websocket-accept",
+        hyper::header::HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+    );
+    response
 }
 
 /// A client frame, masked as RFC 6455 requires (short payloads only).
@@ -911,18 +916,7 @@ fn websocket_key_echo() -> crate::support::Handler {
                     while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
                 }
             });
-            let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
-            *response.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
-            let headers = response.headers_mut();
-            headers.insert(
-                "upgrade",
-                hyper::header::HeaderValue::from_static("websocket"),
-            );
-            headers.insert(
-                "connection",
-                hyper::header::HeaderValue::from_static("upgrade"),
-            );
-            response
+            switching_to_websocket()
         })
     })
 }
