@@ -839,8 +839,8 @@ async fn run_session(
             None => Ok(()),
         }
     };
-    // Docker lets a container join a namespace whose owner is not running yet, so the
-    // bottle is created while the tripwire starts.
+    // Docker creates a container that joins the namespace of one not running yet (only
+    // starting it must wait), so the bottle is created while the tripwire starts.
     let (created, started) = tokio::join!(prepared_bottle, start_tripwire);
     tracing::debug!("tripwire started, bottle created");
     let served = match serving.await {
@@ -873,7 +873,7 @@ async fn run_session(
         }
     };
     let mut reports = None;
-    if let (Some((id, listener)), Some(_)) = (tripwire, &tripwire_id) {
+    if let Some((id, listener)) = tripwire {
         tracing::debug!("gateway serving");
         match await_tripwire(engine, &id, listener, &gateway, progress).await {
             Ok(flow) => {
