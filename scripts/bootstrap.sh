@@ -45,3 +45,12 @@ if ! timeout 20 docker info >/dev/null 2>&1; then
   fi
 fi
 log "docker engine $(docker version --format '{{.Server.Version}}' 2>/dev/null) is up"
+
+# The tripwire (a bottle's audited dead end for direct connections) needs a TUN device on
+# the Docker host. Most kernels have the module; some images lack the device node.
+if [ ! -c /dev/net/tun ]; then
+  log "creating /dev/net/tun for the tripwire"
+  $SUDO modprobe tun 2>/dev/null || true
+  [ -c /dev/net/tun ] || { $SUDO mkdir -p /dev/net && $SUDO mknod -m 0600 /dev/net/tun c 10 200; } || true
+fi
+[ -c /dev/net/tun ] || log "warning: no /dev/net/tun on this host; bottles need BOT_BOTTLE_TRIPWIRE=off here (direct attempts then fail unaudited)"
