@@ -8,7 +8,29 @@ use bot_bottle_testkit::Script;
 use crate::agents::{CUSTODY_BOTTLE, tls_model};
 use crate::common::{Project, stderr};
 
-/// Prints `<name> <http status> <block reason>` per attempt, or `<name> SEALED`.
+/// Every way around the gateway, each printing `<name> SEALED` (or `<name> ESCAPED`).
+/// 192.0.2.1 and 2001:db8::1 are documentation addresses; no packet can leave anyway.
+pub const DIRECT_ATTEMPTS: &str = r#"
+sealed() { if eval "$2" >/dev/null 2>&1; then echo "$1 ESCAPED"; else echo "$1 SEALED"; fi; }
+sealed direct-ip 'curl --noproxy "*" -sS -m 5 http://192.0.2.1/'
+sealed dns 'getent hosts example.com'
+sealed udp 'exec 3<>/dev/udp/192.0.2.1/9; echo x >&3; read -t 5 line <&3'
+sealed multicast 'exec 3<>/dev/udp/224.0.0.251/5353; echo x >&3; read -t 2 line <&3'
+sealed ipv6 'curl --noproxy "*" -sS -m 5 "http://[2001:db8::1]/"'
+sealed no-proxy-vars 'env -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy curl -sS -m 5 https://blocked.example/'
+"#;
+
+/// The names [`DIRECT_ATTEMPTS`] reports.
+pub const DIRECT_NAMES: [&str; 6] = [
+    "direct-ip",
+    "dns",
+    "udp",
+    "multicast",
+    "ipv6",
+    "no-proxy-vars",
+];
+
+/// Prints `<name> <http status> <block reason>` per attempt through the gateway.
 const ESCAPES: &str = r#"
 probe() { # name, curl args...
   name=$1; shift
@@ -17,14 +39,6 @@ probe() { # name, curl args...
   reason=$(printf '%s\n' "$out" | tr -d '\r' | sed -n 's/^x-bot-bottle-block: //Ip' | tail -1)
   echo "$name ${status:-none} ${reason:-none}"
 }
-sealed() { if eval "$2" >/dev/null 2>&1; then echo "$1 ESCAPED"; else echo "$1 SEALED"; fi; }
-# 192.0.2.1 and 2001:db8::1 are documentation addresses; no packet can leave anyway.
-sealed direct-ip 'curl --noproxy "*" -sS -m 5 http://192.0.2.1/'
-sealed dns 'getent hosts example.com'
-sealed udp 'exec 3<>/dev/udp/192.0.2.1/9; echo x >&3; read -t 5 line <&3'
-sealed multicast 'exec 3<>/dev/udp/224.0.0.251/5353; echo x >&3; read -t 2 line <&3'
-sealed ipv6 'curl --noproxy "*" -sS -m 5 "http://[2001:db8::1]/"'
-sealed no-proxy-vars 'env -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy curl -sS -m 5 https://blocked.example/'
 probe connect-disallowed https://evil.example/
 probe plain-http-disallowed http://evil.example/
 probe fronting -H 'Host: api.anthropic.com' https://paste.example/
@@ -54,7 +68,7 @@ fn docker_escape_suite() {
     );
     let agent = format!(
         "---\nprovider: command\ncommand: [\"bash\", \"-c\", {}]\nbottles: escape\n---\n",
-        serde_json::to_string(ESCAPES).unwrap()
+        serde_json::to_string(&format!("{DIRECT_ATTEMPTS}{ESCAPES}")).unwrap()
     );
     project.agent("escaper", &agent).bottle("escape", &bottle);
     let out = project.run(&["start", "escaper", "--headless", "--prompt", "x", "--json"]);
@@ -66,14 +80,7 @@ fn docker_escape_suite() {
             .unwrap_or_else(|| panic!("no result for {name}:\n{text}"))
             .to_owned()
     };
-    for name in [
-        "direct-ip",
-        "dns",
-        "udp",
-        "multicast",
-        "ipv6",
-        "no-proxy-vars",
-    ] {
+    for name in DIRECT_NAMES {
         assert_eq!(line(name), format!("{name} SEALED"), "{text}");
     }
     let expect = [

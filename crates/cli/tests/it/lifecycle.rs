@@ -197,15 +197,7 @@ fn docker_label_collision_is_uniquified() {
 /// bottle's own kernel: it has loopback only); the gateway's own answer to a disallowed
 /// host is a 403 with a reason header, and it is audited. The escape suite runs the same
 /// attempts with the tripwire on and checks they are audited too.
-const ESCAPE_SCRIPT: &str = r#"
-try() { if eval "$2" >/dev/null 2>&1; then echo "ESCAPED $1"; else echo "SEALED $1"; fi; }
-# 192.0.2.1 and 2001:db8::1 are documentation addresses: nothing answers there even
-# if a packet could leave, which it cannot (with the tripwire off, no interface but lo).
-try direct-ip 'curl --noproxy "*" -sS -m 5 http://192.0.2.1/'
-try dns 'getent hosts example.com'
-try udp 'echo x > /dev/udp/192.0.2.1/53'
-try ipv6 'curl --noproxy "*" -sS -m 5 "http://[2001:db8::1]/"'
-try no-proxy-vars 'env -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy curl -sS -m 5 http://blocked.example/'
+const GATEWAY_SCRIPT: &str = r#"
 curl -sS -m 10 -o /dev/null -D - http://blocked.example/path | tr -d '\r' | grep -i -E '^(HTTP/|x-bot-bottle-block)'
 curl -sS -m 10 https://blocked.example/ 2>&1 | head -1
 ip -o link 2>/dev/null | cut -d: -f2 | tr -d ' ' | tr '\n' ' ' ; cat /sys/class/net/*/operstate >/dev/null 2>&1; ls /sys/class/net
@@ -219,7 +211,11 @@ fn docker_sealed_network_without_the_tripwire() {
         .push(("BOT_BOTTLE_TRIPWIRE".to_owned(), "off".to_owned()));
     let agent = format!(
         "---\nprovider: command\ncommand: [\"bash\", \"-c\", {}]\nbottles: plain\n---\n",
-        serde_json::to_string(ESCAPE_SCRIPT).unwrap()
+        serde_json::to_string(&format!(
+            "{}{GATEWAY_SCRIPT}",
+            crate::escape::DIRECT_ATTEMPTS
+        ))
+        .unwrap()
     );
     project
         .agent("escaper", &agent)
@@ -227,9 +223,9 @@ fn docker_sealed_network_without_the_tripwire() {
     let out = project.run(&["start", "escaper", "--headless", "--prompt", "x", "--json"]);
     // With --json the agent's output goes to stderr, keeping stdout for the result.
     let text = stderr(&out);
-    for attempt in ["direct-ip", "dns", "udp", "ipv6", "no-proxy-vars"] {
+    for attempt in crate::escape::DIRECT_NAMES {
         assert!(
-            text.contains(&format!("SEALED {attempt}")),
+            text.contains(&format!("{attempt} SEALED")),
             "{attempt} not sealed:\n{text}"
         );
     }
