@@ -730,10 +730,7 @@ fn verify_log(
     {
         heads.push(expect.clone());
     }
-    let mut report = audit::verify(path)?;
-    for head in &heads {
-        report = audit::verify_against(path, head)?;
-    }
+    let report = audit::verify_against(path, &heads)?;
     Ok((report, heads))
 }
 

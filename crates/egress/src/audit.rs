@@ -227,37 +227,47 @@ pub fn read_head(log: &Path) -> Result<Option<AuditHead>, AuditError> {
     }
 }
 
-/// Verifies the chain and that it reaches `head`: the line numbered `head.seq` exists and
-/// has `head.hash`.
+/// Verifies the chain and that it reaches every one of `heads`, in one pass: for each
+/// head, the line numbered `head.seq` exists and has `head.hash`. With no heads this is
+/// [`verify`].
 ///
 /// # Errors
-/// As [`verify`], or [`AuditError::Truncated`].
-pub fn verify_against(path: &Path, head: &AuditHead) -> Result<VerifyReport, AuditError> {
+/// As [`verify`], or [`AuditError::Truncated`] for the first head the log does not reach.
+pub fn verify_against(path: &Path, heads: &[AuditHead]) -> Result<VerifyReport, AuditError> {
     let file = File::open(path).map_err(|source| AuditError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    let mut seen = None;
+    let mut seen: Vec<Option<String>> = vec![None; heads.len()];
     let report = verify_lines(BufReader::new(file), path, |seq, hash| {
-        if seq == head.seq {
-            seen = Some(hash.to_owned());
+        for (head, found) in heads.iter().zip(seen.iter_mut()) {
+            if seq == head.seq {
+                *found = Some(hash.to_owned());
+            }
         }
     })?;
     let truncated = |problem| AuditError::Truncated {
         path: path.to_path_buf(),
         problem,
     };
-    match seen {
-        Some(hash) if hash == head.hash => Ok(report),
-        Some(hash) => Err(truncated(format!(
-            "line seq {} has hash {hash}, the head says {}",
-            head.seq, head.hash
-        ))),
-        None => Err(truncated(format!(
-            "the log ends at seq {}, the head is at seq {}",
-            report.last_seq, head.seq
-        ))),
+    for (head, found) in heads.iter().zip(seen) {
+        match found {
+            Some(hash) if hash == head.hash => {}
+            Some(hash) => {
+                return Err(truncated(format!(
+                    "line seq {} has hash {hash}, the head says {}",
+                    head.seq, head.hash
+                )));
+            }
+            None => {
+                return Err(truncated(format!(
+                    "the log ends at seq {}, the head is at seq {}",
+                    report.last_seq, head.seq
+                )));
+            }
+        }
     }
+    Ok(report)
 }
 
 /// The result of a successful [`verify`].

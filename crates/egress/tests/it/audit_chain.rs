@@ -160,14 +160,16 @@ async fn the_recorded_head_catches_a_cut_tail() {
         (head.seq, head.hash.clone()),
         (full.last_seq, full.last_hash)
     );
-    audit::verify_against(&audit_path, &head).expect("the whole log reaches its head");
+    audit::verify_against(&audit_path, std::slice::from_ref(&head))
+        .expect("the whole log reaches its head");
 
     let text = std::fs::read_to_string(&audit_path).expect("log");
     let mut lines: Vec<&str> = text.lines().collect();
     lines.pop();
     std::fs::write(&audit_path, lines.join("\n") + "\n").expect("cut");
     audit::verify(&audit_path).expect("a shorter chain still verifies on its own");
-    let err = audit::verify_against(&audit_path, &head).expect_err("the cut shows");
+    let err =
+        audit::verify_against(&audit_path, std::slice::from_ref(&head)).expect_err("the cut shows");
     assert!(matches!(err, AuditError::Truncated { .. }), "{err}");
     assert!(err.to_string().contains("removed from the end"), "{err}");
 
