@@ -122,6 +122,14 @@ impl Drop for Project {
     }
 }
 
+/// An agent manifest that runs `script` with `bash -c` in the bottle(s) `bottles`.
+pub fn bash_agent(script: &str, bottles: &str) -> String {
+    format!(
+        "---\nprovider: command\ncommand: [\"bash\", \"-c\", {}]\nbottles: {bottles}\n---\n",
+        serde_json::to_string(script).unwrap()
+    )
+}
+
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_bot-bottle"))
 }

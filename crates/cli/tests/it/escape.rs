@@ -6,7 +6,7 @@
 use bot_bottle_testkit::Script;
 
 use crate::agents::{CUSTODY_BOTTLE, tls_model};
-use crate::common::{Project, stderr};
+use crate::common::{Project, bash_agent, stderr};
 
 /// Every way around the gateway, each printing `<name> SEALED` (or `<name> ESCAPED`).
 /// 192.0.2.1 and 2001:db8::1 are documentation addresses; no packet can leave anyway.
@@ -66,10 +66,7 @@ fn docker_escape_suite() {
         "credentials:",
         "    - host: paste.example\n      methods: [GET, POST]\ncredentials:",
     );
-    let agent = format!(
-        "---\nprovider: command\ncommand: [\"bash\", \"-c\", {}]\nbottles: escape\n---\n",
-        serde_json::to_string(&format!("{DIRECT_ATTEMPTS}{ESCAPES}")).unwrap()
-    );
+    let agent = bash_agent(&format!("{DIRECT_ATTEMPTS}{ESCAPES}"), "escape");
     project.agent("escaper", &agent).bottle("escape", &bottle);
     let out = project.run(&["start", "escaper", "--headless", "--prompt", "x", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -211,10 +208,7 @@ fn docker_dlp_log_action_lets_the_request_out_and_audits_it() {
         "  dlp:\n    actions: {aws-access-key-id: log}\ncredentials:",
     );
     let script = "curl -sS -m 20 -o /dev/null -w 'STATUS %{http_code}\\n' -H \"x-api-key: $ANTHROPIC_API_KEY\" -H 'content-type: application/json' -H 'anthropic-version: 2023-06-01' --data '{\"model\":\"m\",\"max_tokens\":8,\"messages\":[{\"role\":\"user\",\"content\":\"key AKIAQYLPMN5HHHFPZAM2\"}]}' https://api.anthropic.com/v1/messages";
-    let agent = format!(
-        "---\nprovider: command\ncommand: [\"bash\", \"-c\", {}]\nbottles: logged\n---\n",
-        serde_json::to_string(script).unwrap()
-    );
+    let agent = bash_agent(script, "logged");
     project.agent("logger", &agent).bottle("logged", &bottle);
     let out = project.run(&["start", "logger", "--headless", "--prompt", "x", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -277,10 +271,7 @@ if [ "$BOT_BOTTLE_PROMPT" = first ]; then
 fi
 echo "STATUS $(curl -s -m 10 -o /dev/null -w '%{http_code}' http://blocked.example/)"
 "#;
-    let agent = format!(
-        "---\nprovider: command\ncommand: [\"bash\", \"-c\", {}]\nbottles: plain\n---\n",
-        serde_json::to_string(script).unwrap()
-    );
+    let agent = bash_agent(script, "plain");
     project.agent("rewriter", &agent).bottle(
         "plain",
         "---\negress:\n  rules:\n    - host: allowed.example\n---\n",

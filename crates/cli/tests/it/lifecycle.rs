@@ -1,6 +1,6 @@
 //! Docker: the bottle lifecycle and the sealed network, with the `command` provider.
 
-use crate::common::{COMMAND_BOTTLE, Project, slug_of, stderr, stdout};
+use crate::common::{COMMAND_BOTTLE, Project, bash_agent, slug_of, stderr, stdout};
 
 /// Writes a note on the first session; prints it when resumed with the prompt `check`.
 const NOTE_AGENT: &str = r#"---
@@ -209,13 +209,9 @@ fn docker_sealed_network_without_the_tripwire() {
     project
         .env
         .push(("BOT_BOTTLE_TRIPWIRE".to_owned(), "off".to_owned()));
-    let agent = format!(
-        "---\nprovider: command\ncommand: [\"bash\", \"-c\", {}]\nbottles: plain\n---\n",
-        serde_json::to_string(&format!(
-            "{}{GATEWAY_SCRIPT}",
-            crate::escape::DIRECT_ATTEMPTS
-        ))
-        .unwrap()
+    let agent = bash_agent(
+        &format!("{}{GATEWAY_SCRIPT}", crate::escape::DIRECT_ATTEMPTS),
+        "plain",
     );
     project
         .agent("escaper", &agent)
