@@ -169,121 +169,119 @@ impl ResolvedCredential {
         }
     }
 
-    /// Swaps the placeholder for the real value in headers (inside `Basic` credentials
-    /// too) and the query, and makes sure the injection target carries the value.
+    /// Writes the real value into the one slot the credential's `inject` names, and
+    /// nowhere else: the named header, `Authorization` (bearer, or basic with the
+    /// configured username), or the named query parameter. Whatever the bottle put in that
+    /// slot is replaced. A placeholder anywhere else in the request stays a placeholder, so
+    /// an origin that echoes a header can only ever echo the placeholder; the returned list
+    /// names where such leftovers were (for the audit), never their values.
     /// The caller has already checked that `host` is one of the credential's hosts.
-    pub(crate) fn inject(&self, headers: &mut HeaderMap, query: &mut Option<String>) {
-        let names: Vec<HeaderName> = headers.keys().cloned().collect();
-        for name in names {
-            let values: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
-            let mut changed = false;
-            let swapped: Vec<HeaderValue> = values
-                .into_iter()
-                .map(|value| match self.swap_header_value(&value) {
-                    Some(new) => {
-                        changed = true;
-                        new
-                    }
-                    None => value,
-                })
-                .collect();
-            if changed {
-                headers.remove(&name);
-                for value in swapped {
-                    headers.append(name.clone(), value);
-                }
-            }
-        }
-        if let Some(q) = query.as_mut()
-            && q.contains(&self.placeholder)
-        {
-            *q = q.replace(&self.placeholder, &urlencode(&self.secret));
-        }
+    pub(crate) fn inject(
+        &self,
+        headers: &mut HeaderMap,
+        query: &mut Option<String>,
+    ) -> Vec<String> {
         match &self.spec.inject {
             Inject::Header(name) => {
-                let present = headers
-                    .get(name.as_str())
-                    .is_some_and(|v| v.as_bytes() == self.secret.as_bytes());
-                if !present
-                    && let Ok(value) = HeaderValue::from_str(&self.secret)
-                    && let Ok(name) = HeaderName::from_bytes(name.as_bytes())
-                {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(&self.secret),
+                ) {
                     headers.insert(name, value);
                 }
             }
             Inject::Bearer => {
-                let wanted = format!("Bearer {}", self.secret);
-                if headers
-                    .get(header::AUTHORIZATION)
-                    .map(HeaderValue::as_bytes)
-                    != Some(wanted.as_bytes())
-                    && let Ok(value) = HeaderValue::from_str(&wanted)
-                {
+                if let Ok(value) = HeaderValue::from_str(&format!("Bearer {}", self.secret)) {
                     headers.insert(header::AUTHORIZATION, value);
                 }
             }
             Inject::Basic { username } => {
-                let wanted = format!(
-                    "Basic {}",
-                    STANDARD.encode(format!("{username}:{}", self.secret))
-                );
-                if headers
-                    .get(header::AUTHORIZATION)
-                    .map(HeaderValue::as_bytes)
-                    != Some(wanted.as_bytes())
-                    && let Ok(value) = HeaderValue::from_str(&wanted)
-                {
+                let encoded = STANDARD.encode(format!("{username}:{}", self.secret));
+                if let Ok(value) = HeaderValue::from_str(&format!("Basic {encoded}")) {
                     headers.insert(header::AUTHORIZATION, value);
                 }
             }
             Inject::Query(param) => {
-                let pair = format!("{}={}", urlencode(param), urlencode(&self.secret));
+                let key = urlencode(param);
+                let pair = format!("{key}={}", urlencode(&self.secret));
                 let q = query.get_or_insert_with(String::new);
-                let has = q.split('&').any(|p| p == pair);
-                if !has {
-                    let kept: Vec<&str> = q
-                        .split('&')
-                        .filter(|p| {
-                            !p.is_empty() && p.split('=').next() != Some(urlencode(param).as_str())
-                        })
-                        .collect();
-                    let mut rebuilt = kept.join("&");
-                    if !rebuilt.is_empty() {
-                        rebuilt.push('&');
-                    }
-                    rebuilt.push_str(&pair);
-                    *q = rebuilt;
+                let mut kept: Vec<&str> = q
+                    .split('&')
+                    .filter(|p| !p.is_empty() && p.split('=').next() != Some(key.as_str()))
+                    .collect();
+                kept.push(&pair);
+                *q = kept.join("&");
+            }
+        }
+        self.leftovers(headers, query.as_deref())
+    }
+
+    /// Where the placeholder still is after injection: every header but the slot, and
+    /// every query parameter but the slot's. Raw, or inside a `Basic` credential.
+    fn leftovers(&self, headers: &HeaderMap, query: Option<&str>) -> Vec<String> {
+        let slot_header = match &self.spec.inject {
+            Inject::Header(name) => Some(name.to_ascii_lowercase()),
+            Inject::Bearer | Inject::Basic { .. } => Some("authorization".to_string()),
+            Inject::Query(_) => None,
+        };
+        let mut found: Vec<String> = Vec::new();
+        for (name, value) in headers {
+            if slot_header.as_deref() == Some(name.as_str()) {
+                continue;
+            }
+            if self.carries_placeholder(value.as_bytes()) {
+                let place = format!("header:{name}");
+                if !found.contains(&place) {
+                    found.push(place);
                 }
             }
         }
+        if let (Some(q), Inject::Query(param)) = (query, &self.spec.inject) {
+            let key = urlencode(param);
+            let others = q
+                .split('&')
+                .filter(|p| p.split('=').next() != Some(key.as_str()));
+            if others.into_iter().any(|p| p.contains(&self.placeholder)) {
+                found.push("query".into());
+            }
+        } else if query.is_some_and(|q| q.contains(&self.placeholder)) {
+            found.push("query".into());
+        }
+        found
     }
 
-    fn swap_header_value(&self, value: &HeaderValue) -> Option<HeaderValue> {
-        let text = value.to_str().ok()?;
-        if text.contains(&self.placeholder) {
-            return HeaderValue::from_str(&text.replace(&self.placeholder, &self.secret)).ok();
+    fn carries_placeholder(&self, value: &[u8]) -> bool {
+        if memchr::memmem::find(value, self.placeholder.as_bytes()).is_some() {
+            return true;
         }
-        // git and other Basic-auth clients send `user:placeholder` base64-encoded.
-        let (scheme, encoded) = text.split_once(' ')?;
-        if !scheme.eq_ignore_ascii_case("basic") {
-            return None;
-        }
-        let decoded = STANDARD.decode(encoded.trim()).ok()?;
-        let decoded = String::from_utf8(decoded).ok()?;
-        if !decoded.contains(&self.placeholder) {
-            return None;
-        }
-        let swapped = decoded.replace(&self.placeholder, &self.secret);
-        HeaderValue::from_str(&format!("{scheme} {}", STANDARD.encode(swapped))).ok()
+        let Ok(text) = std::str::from_utf8(value) else {
+            return false;
+        };
+        let Some((scheme, encoded)) = text.split_once(' ') else {
+            return false;
+        };
+        scheme.eq_ignore_ascii_case("basic")
+            && STANDARD
+                .decode(encoded.trim())
+                .is_ok_and(|d| memchr::memmem::find(&d, self.placeholder.as_bytes()).is_some())
     }
 
-    /// Byte strings that reveal the secret, each with what the bottle sees instead: the
-    /// raw value, and for Basic the whole encoded `username:value` that was injected.
+    /// Byte strings that reveal the secret, each with what the bottle sees instead: every
+    /// form the gateway itself writes. The raw value (header and bearer slots), its
+    /// percent-encoded form (the query slot), and for Basic the whole encoded
+    /// `username:value`.
     pub(crate) fn scrub_pairs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut pairs = vec![(
             self.secret.as_bytes().to_vec(),
             self.placeholder.as_bytes().to_vec(),
         )];
+        let encoded = urlencode(&self.secret);
+        if encoded != self.secret {
+            pairs.push((
+                encoded.into_bytes(),
+                urlencode(&self.placeholder).into_bytes(),
+            ));
+        }
         if let Inject::Basic { username } = &self.spec.inject {
             pairs.push((
                 STANDARD
@@ -296,28 +294,48 @@ impl ResolvedCredential {
         }
         pairs
     }
+}
 
-    /// Replaces the real value with the placeholder in response headers; returns whether
-    /// anything changed.
-    pub(crate) fn scrub_headers(&self, headers: &mut HeaderMap) -> bool {
-        let pairs = self.scrub_pairs();
-        let mut changed = false;
-        for value in headers.values_mut() {
-            let bytes = value.as_bytes();
-            if !pairs
-                .iter()
-                .any(|(secret, _)| memchr::memmem::find(bytes, secret).is_some())
-            {
-                continue;
-            }
-            let replaced = replace_all(bytes, &pairs);
-            if let Ok(new) = HeaderValue::from_bytes(&replaced) {
-                *value = new;
-                changed = true;
-            }
+/// Replaces every secret of `pairs` with its placeholder in header values (a response's
+/// headers or trailers); returns whether anything changed. A value that would no longer
+/// be a valid header after the swap is removed rather than passed on.
+pub(crate) fn scrub_header_map(headers: &mut HeaderMap, pairs: &[(Vec<u8>, Vec<u8>)]) -> bool {
+    let mut changed = false;
+    let mut invalid: Vec<HeaderName> = Vec::new();
+    for (name, value) in headers.iter_mut() {
+        let bytes = value.as_bytes();
+        if !pairs
+            .iter()
+            .any(|(secret, _)| memchr::memmem::find(bytes, secret).is_some())
+        {
+            continue;
         }
-        changed
+        changed = true;
+        match HeaderValue::from_bytes(&replace_all(bytes, pairs)) {
+            Ok(new) => *value = new,
+            Err(_) => invalid.push(name.clone()),
+        }
     }
+    for name in invalid {
+        headers.remove(name);
+    }
+    changed
+}
+
+/// The reason phrase of an HTTP/1 response, if the upstream sent a custom one, with every
+/// secret of `pairs` replaced; `None` keeps the standard phrase.
+pub(crate) fn scrub_reason(
+    phrase: &hyper::ext::ReasonPhrase,
+    pairs: &[(Vec<u8>, Vec<u8>)],
+) -> Option<hyper::ext::ReasonPhrase> {
+    let bytes = phrase.as_bytes();
+    if !pairs
+        .iter()
+        .any(|(secret, _)| memchr::memmem::find(bytes, secret).is_some())
+    {
+        return Some(phrase.clone());
+    }
+    hyper::ext::ReasonPhrase::try_from(replace_all(bytes, pairs)).ok()
 }
 
 pub(crate) fn replace_all(data: &[u8], pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
@@ -360,6 +378,8 @@ pub(crate) struct Scrubbed<B> {
     carry: BytesMut,
     hold: usize,
     ended: bool,
+    /// Trailers that arrived while bytes were held back: sent after those bytes.
+    trailers: Option<HeaderMap>,
 }
 
 impl<B> Scrubbed<B> {
@@ -373,6 +393,7 @@ impl<B> Scrubbed<B> {
             carry: BytesMut::new(),
             hold,
             ended: false,
+            trailers: None,
         }
     }
 
@@ -395,12 +416,12 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         loop {
             if self.ended {
-                if self.carry.is_empty() {
-                    return Poll::Ready(None);
+                if !self.carry.is_empty() {
+                    let rest = self.carry.split().freeze();
+                    let out = self.replace_all(&rest).freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
-                let rest = self.carry.split().freeze();
-                let out = self.replace_all(&rest).freeze();
-                return Poll::Ready(Some(Ok(Frame::data(out))));
+                return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
             match Pin::new(&mut self.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -420,13 +441,13 @@ where
                         }
                     }
                     Err(frame) => {
-                        // Trailers: flush what is held first, on the next poll.
-                        if self.carry.is_empty() {
-                            return Poll::Ready(Some(Ok(frame)));
+                        // Trailers are the body's last frame: scrub them and send them
+                        // after whatever is still held back.
+                        if let Ok(mut trailers) = frame.into_trailers() {
+                            scrub_header_map(&mut trailers, &self.pairs);
+                            self.trailers = Some(trailers);
                         }
-                        let rest = self.carry.split().freeze();
-                        let out = self.replace_all(&rest).freeze();
-                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                        self.ended = true;
                     }
                 },
             }
@@ -434,7 +455,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.carry.is_empty()
+        self.ended && self.carry.is_empty() && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -460,62 +481,151 @@ mod tests {
     }
 
     #[test]
-    fn swaps_inside_basic_and_bearer_and_query() {
+    fn the_real_value_goes_only_into_the_inject_slot() {
         let c = credential(Inject::Basic {
             username: "bot".into(),
         });
         let mut headers = HeaderMap::new();
         let sent = format!(
             "Basic {}",
-            STANDARD.encode(format!("bot:{}", c.placeholder()))
+            STANDARD.encode(format!("someone:{}", c.placeholder()))
         );
         headers.insert(
             header::AUTHORIZATION,
             HeaderValue::from_str(&sent).expect("hv"),
         );
         let mut query = Some(format!("a=1&token={}", c.placeholder()));
-        c.inject(&mut headers, &mut query);
+        let left = c.inject(&mut headers, &mut query);
+        // The slot gets the configured username, whatever the bottle sent.
         let expected = format!(
             "Basic {}",
             STANDARD.encode("bot:real-secret-value-0123456789")
         );
         assert_eq!(headers[header::AUTHORIZATION], expected.as_str());
+        // The query is not Basic's slot: the placeholder stays, and is reported.
         assert_eq!(
             query.as_deref(),
-            Some("a=1&token=real-secret-value-0123456789")
+            Some(format!("a=1&token={}", c.placeholder()).as_str())
         );
+        assert_eq!(left, vec!["query".to_string()]);
 
-        // Nothing sent: the injection target is filled in.
+        // Nothing sent: the slot is filled in.
         let mut empty = HeaderMap::new();
         let mut none = None;
-        c.inject(&mut empty, &mut none);
+        assert!(c.inject(&mut empty, &mut none).is_empty());
         assert_eq!(empty[header::AUTHORIZATION], expected.as_str());
+        assert_eq!(none, None);
 
+        // The attack from the issue: a bearer credential, and the placeholder inside a
+        // Basic value in a header of the bottle's choosing. Only Authorization changes.
         let b = credential(Inject::Bearer);
         let mut headers = HeaderMap::new();
-        headers.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {}", b.placeholder())).expect("hv"),
+        let foreign = format!(
+            "Basic {}",
+            STANDARD.encode(format!("zz:{}", b.placeholder()))
         );
-        b.inject(&mut headers, &mut None);
+        headers.insert("x-e", HeaderValue::from_str(&foreign).expect("hv"));
+        headers.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(b.placeholder()).expect("hv"),
+        );
+        let left = b.inject(&mut headers, &mut None);
         assert_eq!(
             headers[header::AUTHORIZATION],
             "Bearer real-secret-value-0123456789"
         );
+        assert_eq!(headers["x-e"], foreign.as_str());
+        assert_eq!(headers["sec-websocket-protocol"], b.placeholder());
+        assert_eq!(left, vec!["header:x-e", "header:sec-websocket-protocol"]);
 
         let h = credential(Inject::Header("x-api-key".into()));
         let mut headers = HeaderMap::new();
-        h.inject(&mut headers, &mut None);
+        headers.insert(
+            "x-api-key",
+            HeaderValue::from_str(&format!("prefix-{}", h.placeholder())).expect("hv"),
+        );
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {}", h.placeholder())).expect("hv"),
+        );
+        let left = h.inject(&mut headers, &mut None);
         assert_eq!(headers["x-api-key"], "real-secret-value-0123456789");
+        assert_eq!(
+            headers[header::AUTHORIZATION],
+            format!("Bearer {}", h.placeholder()).as_str()
+        );
+        assert_eq!(left, vec!["header:authorization"]);
 
         let q = credential(Inject::Query("key".into()));
-        let mut query = Some("key=wrong&x=1".to_string());
-        q.inject(&mut HeaderMap::new(), &mut query);
+        let mut query = Some(format!("key=wrong&x=1&other={}", q.placeholder()));
+        let left = q.inject(&mut HeaderMap::new(), &mut query);
         assert_eq!(
             query.as_deref(),
-            Some("x=1&key=real-secret-value-0123456789")
+            Some(
+                format!(
+                    "x=1&other={}&key=real-secret-value-0123456789",
+                    q.placeholder()
+                )
+                .as_str()
+            )
         );
+        assert_eq!(left, vec!["query".to_string()]);
         assert!(!format!("{q:?}").contains("real-secret"));
+    }
+
+    #[test]
+    fn every_form_the_gateway_writes_is_scrubbed() {
+        let spec = CredentialSpec {
+            name: "q".into(),
+            source: CredentialSource::Env("UNUSED".into()),
+            hosts: vec!["git.test".into()],
+            inject: Inject::Basic {
+                username: "bot".into(),
+            },
+            env: None,
+        };
+        let c = ResolvedCredential::with_value(spec, "bottle-x", "s3cr/t+v@lue=0123456789".into())
+            .expect("valid");
+        let basic = STANDARD.encode("bot:s3cr/t+v@lue=0123456789");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-raw",
+            HeaderValue::from_static("a s3cr/t+v@lue=0123456789 b"),
+        );
+        headers.insert(
+            "x-query",
+            HeaderValue::from_static("key=s3cr%2Ft%2Bv%40lue%3D0123456789"),
+        );
+        headers.insert(
+            "x-basic",
+            HeaderValue::from_str(&format!("Basic {basic}")).expect("hv"),
+        );
+        headers.insert("x-clean", HeaderValue::from_static("nothing here"));
+        assert!(scrub_header_map(&mut headers, &c.scrub_pairs()));
+        let all: String = headers
+            .values()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(!all.contains("s3cr"), "{all}");
+        assert!(!all.contains(&basic), "{all}");
+        assert_eq!(headers["x-clean"], "nothing here");
+        assert_eq!(
+            headers["x-basic"],
+            format!(
+                "Basic {}",
+                STANDARD.encode(format!("bot:{}", c.placeholder()))
+            )
+            .as_str()
+        );
+        let phrase =
+            hyper::ext::ReasonPhrase::try_from(b"Denied for s3cr/t+v@lue=0123456789".to_vec())
+                .expect("phrase");
+        let scrubbed = scrub_reason(&phrase, &c.scrub_pairs()).expect("still a phrase");
+        assert_eq!(
+            scrubbed.as_bytes(),
+            format!("Denied for {}", c.placeholder()).as_bytes()
+        );
     }
 
     struct Chunks(std::collections::VecDeque<Bytes>);
@@ -553,7 +663,49 @@ mod tests {
             "x-echo",
             HeaderValue::from_static("real-secret-value-0123456789"),
         );
-        assert!(c.scrub_headers(&mut headers));
+        assert!(scrub_header_map(&mut headers, &c.scrub_pairs()));
         assert_eq!(headers["x-echo"], c.placeholder());
+    }
+
+    struct Frames(std::collections::VecDeque<Frame<Bytes>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    #[tokio::test]
+    async fn trailers_are_scrubbed_and_kept_after_held_back_bytes() {
+        let c = credential(Inject::Bearer);
+        let mut trailers = HeaderMap::new();
+        trailers.insert(
+            "x-echo",
+            HeaderValue::from_static("token=real-secret-value-0123456789"),
+        );
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let body = Frames(
+            [
+                Frame::data(Bytes::from_static(b"tail ends with real-secret-val")),
+                Frame::trailers(trailers),
+            ]
+            .into(),
+        );
+        let collected = Scrubbed::new(body, &[&c]).collect().await.expect("collect");
+        let trailers = collected.trailers().cloned().expect("trailers kept");
+        assert_eq!(
+            trailers["x-echo"],
+            format!("token={}", c.placeholder()).as_str()
+        );
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(
+            collected.to_bytes(),
+            b"tail ends with real-secret-val".as_slice()
+        );
     }
 }

@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::audit::{AuditDecision, DlpRecord};
 use crate::body::{Metered, Prefixed};
-use crate::custody::{ResolvedCredential, Scrubbed};
+use crate::custody::{ResolvedCredential, Scrubbed, scrub_header_map, scrub_reason};
 use crate::dlp::{Action, Finding, FindingKind, Location, ScanOutcome};
 use crate::gateway::{
     OverCap, ProxyBody, Shared, Target, block_response, decide_request, error_response, full_body,
@@ -258,8 +258,17 @@ pub(crate) async fn process(
             .filter(|c| c.spec.is_for_host(&target.host))
             .collect(),
     };
+    let mut leftovers: Vec<String> = Vec::new();
     for credential in &injected {
-        credential.inject(&mut parts.headers, &mut query);
+        for place in credential.inject(&mut parts.headers, &mut query) {
+            leftovers.push(format!("{place} ({})", credential.spec.name));
+        }
+    }
+    if !leftovers.is_empty() {
+        draft.detail = Some(format!(
+            "placeholder left as is outside the credential's inject slot: {}",
+            leftovers.join(", ")
+        ));
     }
     if !injected.is_empty() {
         let names: Vec<&str> = injected.iter().map(|c| c.spec.name.as_str()).collect();
@@ -344,12 +353,21 @@ pub(crate) async fn process(
         .then(|| hyper::upgrade::on(&mut response));
     let (mut parts, body) = response.into_parts();
     draft.status = Some(parts.status.as_u16());
+    let scrub: Vec<(Vec<u8>, Vec<u8>)> = injected.iter().flat_map(|c| c.scrub_pairs()).collect();
+    if !scrub.is_empty() {
+        // Every route back into the bottle: headers (a 101's included) and a custom
+        // HTTP/1 reason phrase; the body and its trailers below.
+        scrub_header_map(&mut parts.headers, &scrub);
+        if let Some(phrase) = parts.extensions.remove::<hyper::ext::ReasonPhrase>()
+            && let Some(scrubbed) = scrub_reason(&phrase, &scrub)
+        {
+            parts.extensions.insert(scrubbed);
+        }
+    }
     if let (Some(client_upgrade), Some(upstream_upgrade)) = (client_upgrade, upstream_upgrade) {
         let shared_ws = shared.clone();
         let mut shutdown = shared.shutdown_signal();
         let host = target.host.clone();
-        let scrub: Vec<(Vec<u8>, Vec<u8>)> =
-            injected.iter().flat_map(|c| c.scrub_pairs()).collect();
         tokio::spawn(async move {
             let relayed = async {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
@@ -415,23 +433,34 @@ pub(crate) async fn process(
     strip_hop_by_hop(&mut parts.headers);
     let mut response_body: ProxyBody = body.map_err(crate::gateway::BoxError::from).boxed_unsync();
     if !injected.is_empty() {
-        for credential in &injected {
-            credential.scrub_headers(&mut parts.headers);
-        }
-        // Only bodies without a content coding can be scrubbed in flight.
-        let identity = parts
-            .headers
-            .get(header::CONTENT_ENCODING)
-            .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
-        if identity {
-            let lengths_differ = injected
-                .iter()
-                .any(|c| c.placeholder().len() != c.secret().len());
-            if lengths_differ {
-                parts.headers.remove(header::CONTENT_LENGTH);
+        let encoding = content_encoding(&parts.headers);
+        if encoding.is_some() {
+            // The gateway asked for `identity`; an origin that compresses anyway is
+            // decoded here so the scrubber can read what the bottle would.
+            match decode_response(&shared, response_body, encoding.unwrap_or_default()).await {
+                Ok(decoded) => {
+                    parts.headers.remove(header::CONTENT_ENCODING);
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    response_body = full_body(decoded);
+                }
+                Err(why) => {
+                    draft.decision = AuditDecision::Block;
+                    draft.reason = "undecodable-response".into();
+                    draft.status = Some(502);
+                    draft.detail = Some(why.clone());
+                    draft.duration_ms = elapsed_ms(started);
+                    shared.record(draft);
+                    return error_response(StatusCode::BAD_GATEWAY, "undecodable-response", &why);
+                }
             }
-            response_body = Scrubbed::new(response_body, &injected).boxed_unsync();
         }
+        let lengths_differ = injected
+            .iter()
+            .any(|c| c.placeholder().len() != c.secret().len());
+        if lengths_differ {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        response_body = Scrubbed::new(response_body, &injected).boxed_unsync();
     }
     let down = Arc::new(AtomicU64::new(0));
     let down_read = down.clone();
@@ -476,4 +505,67 @@ async fn send_plain(
         .send_request(request)
         .await
         .map_err(|e| SendError::Upstream(e.to_string()))
+}
+
+/// The response's content codings, every `Content-Encoding` header joined, `identity`
+/// left out; `None` when there is nothing to undo.
+fn content_encoding(headers: &hyper::HeaderMap) -> Option<String> {
+    let codings: Vec<String> = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|c| c.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .filter(|c| !c.is_empty() && c != "identity")
+        .collect();
+    (!codings.is_empty()).then(|| codings.join(", "))
+}
+
+/// Reads a compressed response whole (at most the scan cap, within the body timeout) and
+/// undoes its codings off the async workers. Anything that cannot be read back in full
+/// is an error: a body the scrubber cannot read does not reach the bottle.
+async fn decode_response(
+    shared: &Shared,
+    body: ProxyBody,
+    encoding: String,
+) -> Result<Bytes, String> {
+    let cap = shared.scanner.max_decoded();
+    let collected = async {
+        let mut body = body;
+        let mut buf = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("the upstream body failed: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                buf.extend_from_slice(&data);
+                if buf.len() > cap {
+                    return Err(format!(
+                        "a `{encoding}` response toward a credential's host is over the {cap}-byte cap, so it cannot be scrubbed"
+                    ));
+                }
+            }
+        }
+        Ok(buf.freeze())
+    };
+    let raw = tokio::time::timeout(shared.limits.body_read_timeout, collected)
+        .await
+        .map_err(|_| {
+            "the compressed response did not arrive in time to be scrubbed".to_string()
+        })??;
+    let decoded = tokio::task::spawn_blocking(move || {
+        match crate::dlp::decode::decode(&raw, Some(&encoding), cap) {
+            crate::dlp::decode::Decoded::Complete(bytes) => Ok(Bytes::from(bytes.into_owned())),
+            crate::dlp::decode::Decoded::Truncated(_) => Err(format!(
+                "the `{encoding}` response decodes to more than the {cap}-byte cap, so it cannot be scrubbed"
+            )),
+            crate::dlp::decode::Decoded::Failed(reason) => Err(format!(
+                "the response toward a credential's host cannot be decoded: {reason}"
+            )),
+        }
+    })
+    .await
+    .map_err(|e| format!("decoding failed: {e}"))??;
+    Ok(decoded)
 }

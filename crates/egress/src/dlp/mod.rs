@@ -29,7 +29,7 @@
 //! buffer that holds the match.
 
 mod custody;
-mod decode;
+pub(crate) mod decode;
 mod gitleaks;
 mod scanner;
 

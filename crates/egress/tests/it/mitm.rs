@@ -268,7 +268,12 @@ fn pki_path(pki: &TestPki, gw: &crate::support::TestGateway) -> String {
     path.to_str().expect("utf8").to_string()
 }
 
-fn credential(name: &str, host: &str, inject: Inject, value: &str) -> ResolvedCredential {
+pub(crate) fn credential(
+    name: &str,
+    host: &str,
+    inject: Inject,
+    value: &str,
+) -> ResolvedCredential {
     ResolvedCredential::with_value(
         CredentialSpec {
             name: name.into(),
@@ -679,7 +684,7 @@ async fn refuses_a_private_upstream_not_named_by_a_dangerous_rule() {
     gw.handle.shutdown().await;
 }
 
-fn sha256(s: &str) -> String {
+pub(crate) fn sha256(s: &str) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
 }
@@ -713,7 +718,7 @@ fn websocket_echo() -> crate::support::Handler {
 }
 
 /// An origin's `101 Switching Protocols` answer to a websocket upgrade.
-fn switching_to_websocket() -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+pub(crate) fn switching_to_websocket() -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
     let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
     *response.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
@@ -744,7 +749,7 @@ fn ws_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
-async fn tls_through(
+pub(crate) async fn tls_through(
     proxy: std::net::SocketAddr,
     host: &str,
     ca: &std::path::Path,
@@ -772,7 +777,7 @@ async fn tls_through(
         .expect("TLS through the gateway")
 }
 
-async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
+pub(crate) async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut byte = [0u8; 1];
