@@ -123,7 +123,9 @@ pub fn container_config(
     let env: Vec<String> = merged.iter().map(|(k, v)| format!("{k}={v}")).collect();
 
     let mut binds = vec![
-        bind(&paths.run_dir, BOTTLE_RUN_DIR, false),
+        // Read-only: the agent connects to the sockets in it but must not create files
+        // there, even when its uid owns the directory (a laptop, where it is the user's).
+        bind(&paths.run_dir, BOTTLE_RUN_DIR, true),
         bind(&paths.shim_binary, BOTTLE_SHIM_PATH, true),
         // Mounted, not copied in: the trust store is root's and read-only to the agent, and
         // mounts are never part of a frozen image.

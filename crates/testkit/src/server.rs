@@ -186,6 +186,7 @@ impl RecordedRequest {
 pub(crate) enum Kind {
     Anthropic,
     OpenAi,
+    Echo,
 }
 
 pub(crate) struct Shared {
@@ -367,6 +368,7 @@ async fn handle(kind: Kind, shared: &Shared, request: Request<Incoming>) -> Resp
     match kind {
         Kind::Anthropic => crate::anthropic::respond(shared, &recorded),
         Kind::OpenAi => crate::openai::respond(shared, &recorded),
+        Kind::Echo => crate::echo::respond(&recorded),
     }
 }
 

@@ -1,7 +1,9 @@
 //! Docker: real agent CLIs, installed from npm into their bottle images, running
 //! against the scripted model fixtures on loopback.
 
-use bot_bottle_testkit::{FixtureConfig, FixtureHandle, Script, TlsIdentity, anthropic, openai};
+use bot_bottle_testkit::{
+    FixtureConfig, FixtureHandle, Script, TlsIdentity, anthropic, echo, openai,
+};
 
 use crate::common::{Project, slug_of, stderr, stdout};
 
@@ -50,9 +52,11 @@ impl TestPki {
 }
 
 /// A scripted Messages API over HTTPS posing as api.anthropic.com (and `paste.example`),
-/// with the gateway told to route both names there and to trust the test CA.
+/// with the gateway told to route both names there and to trust the test CA; beside it,
+/// a reflecting origin posing as `echo.example` (see `bot_bottle_testkit::echo`).
 pub struct TlsModel {
     pub fixture: FixtureHandle,
+    pub echo: FixtureHandle,
     _ca_file: tempfile::NamedTempFile,
 }
 
@@ -99,8 +103,15 @@ pub fn tls_model_for(
     .unwrap();
     let ca_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(ca_file.path(), &pki.ca_pem).unwrap();
+    let echo = rt
+        .block_on(echo::start(
+            FixtureConfig::new(Script::write_then_done("unused", ""))
+                .with_tls(pki.identity(&["echo.example"])),
+        ))
+        .unwrap();
     let addr = fixture.addr();
-    let overrides: Vec<String> = names.iter().map(|name| format!("{name}={addr}")).collect();
+    let mut overrides: Vec<String> = names.iter().map(|name| format!("{name}={addr}")).collect();
+    overrides.push(format!("echo.example={}", echo.addr()));
     project
         .env
         .push(("BOT_BOTTLE_UPSTREAM_OVERRIDES".into(), overrides.join(",")));
@@ -112,6 +123,7 @@ pub fn tls_model_for(
     (
         TlsModel {
             fixture,
+            echo,
             _ca_file: ca_file,
         },
         rt,

@@ -7,4 +7,5 @@
 mod client;
 mod fixture_anthropic;
 mod fixture_bin;
+mod fixture_echo;
 mod fixture_openai;
