@@ -396,13 +396,18 @@ impl AuditLog {
         line.extend_from_slice(b",\"hash\":\"");
         line.extend_from_slice(hash.as_bytes());
         line.extend_from_slice(b"\"}\n");
-        state
-            .file
-            .write_all(&line)
-            .map_err(|source| AuditError::Write {
+        let before = state.file.metadata().map(|m| m.len());
+        if let Err(source) = state.file.write_all(&line) {
+            // A full disk takes part of the line: cut it off again, so the log stays a
+            // chain that verifies and that a later session can continue.
+            if let Ok(len) = before {
+                let _ = state.file.set_len(len);
+            }
+            return Err(AuditError::Write {
                 path: self.path.clone(),
                 source,
-            })?;
+            });
+        }
         if event.decision == AuditDecision::Block {
             // Blocks are the evidence that matters most; pay for an fsync on those.
             let _ = state.file.sync_data();
@@ -467,6 +472,33 @@ impl AuditLog {
             source,
         })
     }
+}
+
+/// What the gateway says when it stops for want of its audit log: the cause, and for a
+/// full disk or quota, where to free space.
+#[must_use]
+pub fn describe_write_failure(err: &AuditError) -> String {
+    let (path, source) = match err {
+        AuditError::Write { path, source } | AuditError::Open { path, source } => (path, source),
+        other => return format!("the audit log cannot be written: {other}"),
+    };
+    let full = matches!(
+        source.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    );
+    let mut text = format!(
+        "the audit log `{}` cannot be written: {source}",
+        path.display()
+    );
+    if full {
+        text.push_str(&format!(
+            "; the bottle was stopped so nothing leaves unaudited\nhint: free space on the filesystem that holds `{}` (under $BOT_BOTTLE_HOME); the state and the log up to the last whole line are kept, and `bot-bottle resume` continues the session",
+            path.parent().unwrap_or(path).display()
+        ));
+    } else {
+        text.push_str("; the bottle was stopped so nothing leaves unaudited");
+    }
+    text
 }
 
 /// Returns the last non-empty line (1-based number, bytes), reading backwards from the end.

@@ -182,6 +182,8 @@ pub(crate) struct Shared {
     /// hyper's header-read and keep-alive deadlines (see [`crate::timer`]).
     pub(crate) timer: crate::timer::CoarseTimer,
     audit_failed: std::sync::atomic::AtomicBool,
+    /// Why the audit log could not be written, with a hint, for [`GatewayHandle::failed`].
+    audit_failure: std::sync::Mutex<Option<String>>,
     /// Wakes [`GatewayHandle::failed`] when the gateway can no longer do its job.
     failure: tokio::sync::Notify,
 }
@@ -207,6 +209,11 @@ impl Shared {
             && let Err(err) = self.audit.append(draft)
         {
             // From now on nothing is allowed out: an unaudited decision is not made.
+            let why = crate::audit::describe_write_failure(&err);
+            self.audit_failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get_or_insert(why);
             self.audit_failed
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             self.failure.notify_waiters();
@@ -316,6 +323,7 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         limits: config.limits,
         timer: crate::timer::CoarseTimer::default(),
         audit_failed: std::sync::atomic::AtomicBool::new(false),
+        audit_failure: std::sync::Mutex::new(None),
         failure: tokio::sync::Notify::new(),
     });
     let mut started = EventDraft::new(EventKind::Gateway, AuditDecision::Info, "gateway-started");
@@ -511,7 +519,13 @@ impl GatewayHandle {
                 .audit_failed
                 .load(std::sync::atomic::Ordering::SeqCst)
             {
-                return "the audit log cannot be written".to_owned();
+                return self
+                    .shared
+                    .audit_failure
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone()
+                    .unwrap_or_else(|| "the audit log cannot be written".to_owned());
             }
             if self.accept.is_finished() && !*self.shutdown.borrow() {
                 return "the gateway stopped accepting connections".to_owned();

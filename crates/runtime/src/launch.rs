@@ -60,6 +60,9 @@ pub enum RuntimeError {
         "egress gateway failed to start: {message}\nhint: check the bottle's egress policy; a bottle never runs without its gateway"
     )]
     Gateway { message: String },
+    /// The gateway stopped doing its job during a session; the bottle was stopped.
+    #[error("the egress gateway failed during the session, so the bottle was stopped: {message}")]
+    GatewayFailed { message: String },
     #[error(
         "no state recorded for `{slug}`\nhint: run `bot-bottle ps` to list bottles, or `bot-bottle start` to create one"
     )]
@@ -116,7 +119,7 @@ impl RuntimeError {
                 | DockerError::NoMmdebstrap,
             ) => exit_codes::BUILD,
             Self::Docker(_) | Self::Io { .. } | Self::Tripwire { .. } => exit_codes::BACKEND,
-            Self::Gateway { .. } => exit_codes::GATEWAY,
+            Self::Gateway { .. } | Self::GatewayFailed { .. } => exit_codes::GATEWAY,
             Self::Declined => exit_codes::DECLINED,
             // The shell convention for "killed by a signal": 128 + SIGTERM.
             Self::Interrupted { .. } => 143,
@@ -1031,7 +1034,7 @@ async fn attach_session(
         code = run => code.map_err(RuntimeError::from),
         failure = gateway.failed() => {
             let _ = engine.stop(&container_id).await;
-            Err(RuntimeError::Gateway { message: failure })
+            Err(RuntimeError::GatewayFailed { message: failure })
         }
         signal = interrupted() => {
             // The bottle must not outlive its gateway: stop it, then keep the state and

@@ -5,6 +5,7 @@
 mod audit_chain;
 mod clients;
 mod custody;
+mod disk_full;
 mod limits;
 mod mitm;
 mod proxy;
