@@ -25,7 +25,7 @@
 //! | `reason` | [`MAX_REASON`] = 256 |
 //! | `credential` | [`MAX_CREDENTIAL`] = 256 |
 //! | `detail` | [`MAX_DETAIL`] = 4096 |
-//! | `dlp[].rule` / `action` / `location` / `excerpt` / `credential` | 128 / 16 / 256 / 256 / 256 |
+//! | `dlp[].rule` / `action` / `location` / `excerpt` / `credential` | 128 / 32 / 256 / 256 / 256 |
 //! | `dlp` | at most [`MAX_DLP_RECORDS`] = 32 records; `dlp_more` counts the rest |
 //!
 //! With these no line can reach [`MAX_EVENT_LINE`] (64 KiB); should one ever be about
@@ -77,7 +77,7 @@ pub const MAX_DETAIL: usize = 4096;
 /// Serialised bytes a DLP record's `rule` may take.
 pub const MAX_DLP_RULE: usize = 128;
 /// Serialised bytes a DLP record's `action` may take.
-pub const MAX_DLP_ACTION: usize = 16;
+pub const MAX_DLP_ACTION: usize = 32;
 /// Serialised bytes a DLP record's `location` may take.
 pub const MAX_DLP_LOCATION: usize = 256;
 /// Serialised bytes a DLP record's `excerpt` may take.
@@ -89,6 +89,13 @@ pub const MAX_DLP_RECORDS: usize = 32;
 const LAST_RESORT_FIELD: usize = 64;
 /// The longest truncation marker: `…` (3 bytes), `[+`, 20 digits, ` bytes]`.
 const MARKER_MAX: usize = 3 + 2 + 20 + 7;
+// Every bound leaves room for the longest marker, so a cut value never exceeds it.
+const _: () = assert!(
+    MARKER_MAX <= MAX_METHOD
+        && MARKER_MAX <= MAX_DLP_ACTION
+        && MARKER_MAX <= MAX_DLP_RULE
+        && MARKER_MAX <= LAST_RESORT_FIELD
+);
 /// Problems (and chain segments) a verification report lists; the rest are counted.
 pub const MAX_REPORTED: usize = 1000;
 
@@ -1451,8 +1458,9 @@ impl Default for BlockLimiter {
 }
 
 fn tally(counts: &mut BTreeMap<String, u64>, key: &str) {
-    let key = if counts.contains_key(key) || counts.len() < TALLY_KEYS {
-        bound(key.to_owned(), 128)
+    let key = bound(key.to_owned(), 128);
+    let key = if counts.contains_key(&key) || counts.len() < TALLY_KEYS {
+        key
     } else {
         "other".to_owned()
     };
@@ -1763,6 +1771,8 @@ mod bounds_tests {
         // Control characters take 6 bytes escaped; multi-byte characters are not split.
         let controls = "\u{1}".repeat(10_000);
         assert!(json_len(&bound(controls, 256)) <= 256);
+        let huge = bound("\u{1}".repeat(1 << 20), MAX_DLP_ACTION);
+        assert!(json_len(&huge) <= MAX_DLP_ACTION, "{huge:?}");
         let wide = "é€😀".repeat(1000);
         let cut = bound(wide.clone(), 100);
         assert!(json_len(&cut) <= 100);
@@ -1830,6 +1840,16 @@ mod bounds_tests {
         let read = read(&path).expect("reads");
         assert_eq!(read[0], written);
         assert!(format_event(&read[0]).contains("dlp+968 more"));
+        let mut csv = Vec::new();
+        export_csv(
+            BufReader::new(File::open(&path).expect("open")),
+            &mut csv,
+            &path,
+        )
+        .expect("csv");
+        let csv = String::from_utf8(csv).expect("utf8");
+        assert!(csv.contains(";+968 more\","), "{csv:.300}");
+        assert!(csv.len() < 2 * MAX_EVENT_LINE, "{}", csv.len());
     }
 
     #[test]
