@@ -1449,6 +1449,9 @@ pub struct BlockLimiter {
     last_held: Option<Instant>,
     reasons: BTreeMap<String, u64>,
     hosts: BTreeMap<String, u64>,
+    /// After the forced summary at shutdown nothing is held back: no later summary
+    /// would report it.
+    closed: bool,
 }
 
 impl Default for BlockLimiter {
@@ -1495,11 +1498,15 @@ impl BlockLimiter {
             last_held: None,
             reasons: BTreeMap::new(),
             hosts: BTreeMap::new(),
+            closed: false,
         }
     }
 
     /// Whether to write this block event now; if not, it is counted.
     pub fn admit(&mut self, draft: &EventDraft, now: Instant) -> bool {
+        if self.closed {
+            return true;
+        }
         if let Some(then) = self.refilled {
             let gained =
                 now.saturating_duration_since(then).as_secs_f64() * f64::from(self.per_second);
@@ -1526,9 +1533,12 @@ impl BlockLimiter {
 
     /// The `block-events-held-back` event to write now, if any: when a second has
     /// passed since the last block was held back, when the first one is
-    /// [`BLOCK_SUMMARY_EVERY`] old, or always with `force` (at shutdown). It takes the
-    /// count, so each held-back block is reported once.
+    /// [`BLOCK_SUMMARY_EVERY`] old, or always with `force` (at shutdown, after which
+    /// every block is admitted: blocks from connections still closing are written, not
+    /// counted where no summary would follow). It takes the count, so each held-back
+    /// block is reported once.
     pub fn summary(&mut self, now: Instant, force: bool) -> Option<EventDraft> {
+        self.closed |= force;
         let (first, last) = (self.first_held?, self.last_held?);
         let quiet = now.saturating_duration_since(last) >= Duration::from_secs(1);
         let due = now.saturating_duration_since(first) >= BLOCK_SUMMARY_EVERY;
@@ -2070,8 +2080,14 @@ mod bounds_tests {
         let detail = summary.detail.expect("detail");
         assert!(detail.contains("host-mismatch ×2"), "{detail}");
         assert!(detail.contains("a.test ×2, b.test ×2"), "{detail}");
+        // The bucket refilled meanwhile: empty it again, then one is held back.
+        while limiter.admit(&blocked("not-allowed", "a.test"), at(1700)) {}
+        let last = limiter.summary(at(1800), true).expect("forced at shutdown");
+        assert_eq!(last.held_back, 1);
         assert!(limiter.summary(at(5000), true).is_none(), "reported once");
         assert_eq!(limiter.held_back(), 0);
+        // After shutdown's summary nothing is held back where no summary would follow.
+        assert!(limiter.admit(&blocked("not-allowed", "a.test"), at(1800)));
     }
 
     #[test]
