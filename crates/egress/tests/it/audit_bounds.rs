@@ -159,16 +159,20 @@ async fn a_loop_of_blocked_requests_writes_a_bounded_number_of_lines_that_add_up
         let status = raw_request(addr, request.as_bytes()).await;
         assert!(status.starts_with("HTTP/1.1 403"), "{status}");
     }
-    let elapsed = started.elapsed();
     // A quiet second reports what was held back, before any shutdown.
-    tokio::time::sleep(Duration::from_millis(1600)).await;
-    let before_shutdown = audit_lines(&gw.audit_path);
-    assert!(
-        before_shutdown
-            .iter()
-            .any(|e| e["reason"] == "block-events-held-back"),
-        "no summary after a quiet second"
-    );
+    let waited = Instant::now();
+    // (Raw text: the gateway may be writing a line while it is read.)
+    while !std::fs::read_to_string(&gw.audit_path)
+        .expect("read the log")
+        .contains("\"reason\":\"block-events-held-back\"")
+    {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "no summary after a quiet second"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.elapsed();
     let audit_path = gw.audit_path.clone();
     gw.handle.shutdown().await;
 
@@ -196,9 +200,11 @@ async fn a_loop_of_blocked_requests_writes_a_bounded_number_of_lines_that_add_up
         written <= allowed_by_rate,
         "{written} block lines in {elapsed:?}"
     );
+    // One after each quiet second at most (the loop has none unless the machine
+    // stalls), plus the one at shutdown.
     assert!(
-        summaries.len() as u64 <= elapsed.as_secs() / 10 + 2,
-        "{} summaries",
+        summaries.len() as u64 <= elapsed.as_secs() + 2,
+        "{} summaries in {elapsed:?}",
         summaries.len()
     );
     for summary in &summaries {
