@@ -1,7 +1,7 @@
 //! The `bot-bottle` binary: parses arguments, calls the library, maps errors to exit
 //! codes. It is also the in-bottle shim (`bot-bottle shim`, hidden).
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -718,66 +718,159 @@ fn audit_path(slug: &str) -> Result<PathBuf, Failure> {
     Ok(path)
 }
 
-/// Verifies the chain, then that it reaches the head recorded beside it and the one the
-/// caller kept (if any); returns the heads it checked.
-fn verify_log(
+/// Checks the chain (every line, past bad ones), then that it reaches the head recorded
+/// beside it and the one the caller kept (if any); returns the report and the heads it
+/// checked. Only a failure to read is an error here; what the log holds is in the report.
+fn check_log(
     path: &std::path::Path,
     expect: Option<&audit::AuditHead>,
-) -> Result<(audit::VerifyReport, Vec<audit::AuditHead>), audit::AuditError> {
-    let mut heads: Vec<audit::AuditHead> = audit::read_head(path)?.into_iter().collect();
+) -> Result<(audit::VerifyReport, Vec<audit::AuditHead>), Failure> {
+    let audit_failure = |err: audit::AuditError| Failure {
+        code: 1,
+        error: anyhow::Error::new(err),
+    };
+    let mut heads: Vec<audit::AuditHead> = audit::read_head(path)
+        .map_err(audit_failure)?
+        .into_iter()
+        .collect();
     if let Some(expect) = expect
         && !heads.contains(expect)
     {
         heads.push(expect.clone());
     }
-    let report = audit::verify_against(path, &heads)?;
+    let report = audit::check(path, &heads).map_err(audit_failure)?;
     Ok((report, heads))
+}
+
+/// Segments printed in a failed verification's text; `--json` lists up to
+/// [`audit::MAX_REPORTED`].
+const SEGMENTS_SHOWN: usize = 20;
+
+/// The error for a log that does not verify: every bad line (by number and byte offset),
+/// where the chain verifies, and every head it does not reach.
+fn verify_failure(path: &std::path::Path, slug: &str, report: &audit::VerifyReport) -> Failure {
+    if report.problems.is_empty()
+        && let Some(problem) = report.unmet_heads.first()
+    {
+        // Only the end is missing: the library's own error says so, with its hint.
+        return Failure {
+            code: 1,
+            error: anyhow::Error::new(audit::AuditError::Truncated {
+                path: path.to_path_buf(),
+                problem: problem.clone(),
+            }),
+        };
+    }
+    let bad = report.problems.len() as u64 + report.problems_more;
+    let mut text = format!(
+        "audit log `{}` does not verify: {bad} problem{} in {} lines",
+        path.display(),
+        if bad == 1 { "" } else { "s" },
+        report.lines
+    );
+    for problem in &report.problems {
+        text.push_str(&format!("\n  {problem}"));
+    }
+    if report.problems_more > 0 {
+        text.push_str(&format!("\n  … and {} more", report.problems_more));
+    }
+    let mut segments: Vec<String> = report
+        .segments
+        .iter()
+        .take(SEGMENTS_SHOWN)
+        .map(|s| {
+            format!(
+                "lines {}-{} (seq {}-{})",
+                s.first_line, s.last_line, s.first_seq, s.last_seq
+            )
+        })
+        .collect();
+    let more = (report.segments.len().saturating_sub(SEGMENTS_SHOWN)) as u64 + report.segments_more;
+    if more > 0 {
+        segments.push(format!("{more} more"));
+    }
+    if segments.is_empty() {
+        text.push_str("\n  no line verifies");
+    } else {
+        text.push_str(&format!(
+            "\n  the chain verifies in: {}",
+            segments.join(", ")
+        ));
+    }
+    for head in &report.unmet_heads {
+        text.push_str(&format!("\n  it does not reach its recorded head: {head}"));
+    }
+    text.push_str(&format!(
+        "\nhint: the log was changed after it was written (or a write was cut off); keep it as evidence. `bot-bottle audit {slug}` shows every line that can still be read"
+    ));
+    Failure {
+        code: 1,
+        error: anyhow::anyhow!(text),
+    }
 }
 
 async fn audit_command(args: AuditArgs) -> Result<i32, Failure> {
     match args.action {
         Some(AuditAction::Verify { slug, expect, json }) => {
             let path = audit_path(&slug)?;
-            let result = verify_log(&path, expect.as_ref());
-            match result {
-                Ok((report, heads)) => {
+            let (report, heads) = match check_log(&path, expect.as_ref()) {
+                Ok(checked) => checked,
+                Err(failure) => {
                     if json {
                         print_json(&serde_json::json!({
                             "slug": slug,
-                            "ok": true,
-                            "lines": report.lines,
-                            "last_seq": report.last_seq,
-                            "last_hash": report.last_hash,
-                            "heads_checked": heads,
+                            "ok": false,
+                            "error": failure.error.to_string(),
                         }));
-                    } else {
+                    }
+                    return Err(failure);
+                }
+            };
+            if report.is_ok() {
+                if json {
+                    print_json(&serde_json::json!({
+                        "slug": slug,
+                        "ok": true,
+                        "lines": report.lines,
+                        "last_seq": report.last_seq,
+                        "last_hash": report.last_hash,
+                        "heads_checked": heads,
+                    }));
+                } else {
+                    println!(
+                        "ok: {} events, chain intact (last seq {}, hash {})",
+                        report.lines, report.last_seq, report.last_hash
+                    );
+                    for head in &heads {
+                        println!("ok: reaches the head at seq {} ({})", head.seq, head.hash);
+                    }
+                    if heads.is_empty() {
                         println!(
-                            "ok: {} events, chain intact (last seq {}, hash {})",
-                            report.lines, report.last_seq, report.last_hash
-                        );
-                        for head in &heads {
-                            println!("ok: reaches the head at seq {} ({})", head.seq, head.hash);
-                        }
-                        if heads.is_empty() {
-                            println!(
-                                "note: no head recorded beside the log; cut lines at its end would not show"
-                            );
-                        }
-                    }
-                    Ok(0)
-                }
-                Err(err) => {
-                    if json {
-                        print_json(
-                            &serde_json::json!({"slug": slug, "ok": false, "error": err.to_string()}),
+                            "note: no head recorded beside the log; cut lines at its end would not show"
                         );
                     }
-                    Err(Failure {
-                        code: 1,
-                        error: anyhow::Error::new(err),
-                    })
                 }
+                return Ok(0);
             }
+            let failure = verify_failure(&path, &slug, &report);
+            if json {
+                print_json(&serde_json::json!({
+                    "slug": slug,
+                    "ok": false,
+                    "error": failure.error.to_string(),
+                    "lines": report.lines,
+                    "events": report.events,
+                    "last_seq": report.last_seq,
+                    "last_hash": report.last_hash,
+                    "problems": report.problems,
+                    "problems_more": report.problems_more,
+                    "segments": report.segments,
+                    "segments_more": report.segments_more,
+                    "heads_checked": heads,
+                    "heads_unmet": report.unmet_heads,
+                }));
+            }
+            Err(failure)
         }
         Some(AuditAction::Export {
             slug,
@@ -785,30 +878,47 @@ async fn audit_command(args: AuditArgs) -> Result<i32, Failure> {
             output,
         }) => {
             let path = audit_path(&slug)?;
-            // A SIEM gets nothing from a log that was cut at its end, either.
-            verify_log(&path, None).map_err(|err| Failure {
-                code: 1,
-                error: anyhow::Error::new(err),
-            })?;
+            // A SIEM gets nothing from a log that was changed or cut at its end, either.
+            let (report, _) = check_log(&path, None)?;
+            if !report.is_ok() {
+                return Err(verify_failure(&path, &slug, &report));
+            }
             let reader = std::io::BufReader::new(
                 std::fs::File::open(&path)
                     .with_context(|| format!("cannot open `{}`", path.display()))?,
             );
-            let mut writer: Box<dyn Write> = match &output {
-                Some(out) => Box::new(
-                    std::fs::File::create(out)
-                        .with_context(|| format!("cannot create `{}`", out.display()))?,
-                ),
+            // Written beside the output and renamed on success, so a failed export never
+            // leaves a file that looks complete.
+            let partial = output.as_ref().map(|out| {
+                let mut name = out.file_name().unwrap_or_default().to_os_string();
+                name.push(".partial");
+                out.with_file_name(name)
+            });
+            let mut writer: Box<dyn Write> = match &partial {
+                Some(partial) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(partial)
+                        .with_context(|| format!("cannot create `{}`", partial.display()))?,
+                )),
                 None => Box::new(std::io::stdout().lock()),
             };
-            match format {
+            let exported = match format {
                 ExportFormat::Jsonl => audit::export_jsonl(reader, &mut writer, &path),
                 ExportFormat::Csv => audit::export_csv(reader, &mut writer, &path),
+            };
+            drop(writer);
+            if let Err(err) = exported {
+                if let Some(partial) = &partial {
+                    let _ = std::fs::remove_file(partial);
+                }
+                return Err(Failure {
+                    code: 1,
+                    error: anyhow::Error::new(err),
+                });
             }
-            .map_err(|err| Failure {
-                code: 1,
-                error: anyhow::Error::new(err),
-            })?;
+            if let (Some(partial), Some(out)) = (&partial, &output) {
+                std::fs::rename(partial, out)
+                    .with_context(|| format!("cannot write `{}`", out.display()))?;
+            }
             Ok(0)
         }
         None => {
@@ -819,48 +929,79 @@ async fn audit_command(args: AuditArgs) -> Result<i32, Failure> {
                 ));
             };
             let path = audit_path(&slug)?;
-            show_audit(&path, args.json, args.follow).await
+            show_audit(&path, &slug, args.json, args.follow).await
         }
     }
 }
 
-async fn show_audit(path: &std::path::Path, json: bool, follow: bool) -> Result<i32, Failure> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open `{}`", path.display()))?;
-    let mut reader = std::io::BufReader::new(file);
-    let mut line = String::new();
+/// Prints the log (and, with `follow`, what is appended to it). A line that cannot be
+/// read is named (line number and byte offset) and skipped: on stderr, or in `--json` as
+/// a `{"bad_line": N, "offset": O, "problem": "…"}` object among the events; the command
+/// then exits 1 once it has shown the rest.
+async fn show_audit(
+    path: &std::path::Path,
+    slug: &str,
+    json: bool,
+    follow: bool,
+) -> Result<i32, Failure> {
+    let (mut offset, mut line) = (0u64, 1u64);
+    let mut bad = 0u64;
     loop {
-        line.clear();
-        let read = reader
-            .read_line(&mut line)
-            .with_context(|| format!("cannot read `{}`", path.display()))?;
-        if read == 0 {
-            if !follow {
-                return Ok(0);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-            continue;
+        let mut stdout = std::io::stdout().lock();
+        // A closed pipe (`| head`) ends the output, not with a panic.
+        let (next_offset, next_line) =
+            audit::follow_from(path, offset, line, |entry| match entry {
+                audit::Entry::Event { raw, event, .. } => {
+                    let _ = if json {
+                        stdout
+                            .write_all(&raw)
+                            .and_then(|()| stdout.write_all(b"\n"))
+                    } else {
+                        writeln!(stdout, "{}", audit::format_event(&event))
+                    };
+                }
+                audit::Entry::Bad(problem) => {
+                    bad += 1;
+                    if json {
+                        let _ = writeln!(
+                            stdout,
+                            "{}",
+                            serde_json::json!({
+                                "bad_line": problem.line,
+                                "offset": problem.offset,
+                                "problem": problem.problem,
+                            })
+                        );
+                    } else {
+                        let _ = stdout.flush();
+                        eprintln!("warning: skipped {problem}");
+                    }
+                }
+            })
+            .map_err(|err| Failure {
+                code: 1,
+                error: anyhow::Error::new(err),
+            })?;
+        let _ = stdout.flush();
+        drop(stdout);
+        (offset, line) = (next_offset, next_line);
+        if !follow {
+            break;
         }
-        // A line being written has no newline yet; wait for the rest.
-        if !line.ends_with('\n') && follow {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            let mut rest = String::new();
-            let _ = reader.read_line(&mut rest);
-            line.push_str(&rest);
-        }
-        let text = line.trim_end();
-        if text.is_empty() {
-            continue;
-        }
-        if json {
-            println!("{text}");
-        } else {
-            match serde_json::from_str::<audit::AuditEvent>(text) {
-                Ok(event) => println!("{}", audit::format_event(&event)),
-                Err(_) => println!("(unparseable line) {text}"),
-            }
-        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
+    if bad > 0 {
+        return Err(Failure {
+            code: 1,
+            error: anyhow::anyhow!(
+                "{bad} line{} of `{}` could not be read and {} skipped\nhint: run `bot-bottle audit verify {slug}` to see where the chain breaks",
+                if bad == 1 { "" } else { "s" },
+                path.display(),
+                if bad == 1 { "was" } else { "were" },
+            ),
+        });
+    }
+    Ok(0)
 }
 
 fn provenance_command(action: ProvenanceAction) -> Result<i32, Failure> {

@@ -184,6 +184,8 @@ pub(crate) struct Shared {
     audit_failed: std::sync::atomic::AtomicBool,
     /// Why the audit log could not be written, with a hint, for [`GatewayHandle::failed`].
     audit_failure: std::sync::Mutex<Option<String>>,
+    /// Rate limit on block events (see [`crate::audit::BlockLimiter`]).
+    blocks: std::sync::Mutex<crate::audit::BlockLimiter>,
     /// Wakes [`GatewayHandle::failed`] when the gateway can no longer do its job.
     failure: tokio::sync::Notify,
 }
@@ -205,9 +207,38 @@ impl Shared {
             || !draft.dlp.is_empty()
             || draft.detail.is_some()
             || draft.kind != EventKind::Request;
-        if (always || self.policy().audit_level() == AuditLevel::All)
-            && let Err(err) = self.audit.append(draft)
+        if !(always || self.policy().audit_level() == AuditLevel::All) {
+            return;
+        }
+        // Blocks of traffic are rate limited (tripwire attempts come limited already).
+        if draft.decision == AuditDecision::Block
+            && matches!(draft.kind, EventKind::Request | EventKind::Connect)
+            && !self
+                .blocks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .admit(&draft, Instant::now())
         {
+            return;
+        }
+        self.write(draft);
+    }
+
+    /// Writes the count of block events the limiter held back, if it is due (`force`:
+    /// now, whatever is pending).
+    pub(crate) fn flush_held_back_blocks(&self, force: bool) {
+        let summary = self
+            .blocks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .summary(Instant::now(), force);
+        if let Some(draft) = summary {
+            self.write(draft);
+        }
+    }
+
+    fn write(&self, draft: EventDraft) {
+        if let Err(err) = self.audit.append(draft) {
             // From now on nothing is allowed out: an unaudited decision is not made.
             let why = crate::audit::describe_write_failure(&err);
             self.audit_failure
@@ -324,6 +355,7 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         timer: crate::timer::CoarseTimer::default(),
         audit_failed: std::sync::atomic::AtomicBool::new(false),
         audit_failure: std::sync::Mutex::new(None),
+        blocks: std::sync::Mutex::new(crate::audit::BlockLimiter::default()),
         failure: tokio::sync::Notify::new(),
     });
     let mut started = EventDraft::new(EventKind::Gateway, AuditDecision::Info, "gateway-started");
@@ -338,12 +370,26 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         return Err(err.into());
     }
     let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+    tokio::spawn(held_back_blocks(shared.clone()));
     Ok(GatewayHandle {
         local,
         shared,
         shutdown: shutdown_tx,
         accept,
     })
+}
+
+/// Reports held-back block events once a second is quiet (or every
+/// [`crate::audit::BLOCK_SUMMARY_EVERY`] during a flood), until shutdown.
+async fn held_back_blocks(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown_signal();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => shared.flush_held_back_blocks(false),
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// Writes the tripwire's attempts into the gateway's audit log, in the same hash chain as
@@ -367,6 +413,7 @@ impl AttemptRecorder {
             AuditDecision::Block,
             "direct-attempts-held-back",
         );
+        event.held_back = count;
         event.detail = Some(format!(
             "{count} more direct attempts (repeats within 5 s, or over 20 a second) were refused by the tripwire and counted, not logged one by one"
         ));
@@ -541,6 +588,7 @@ impl GatewayHandle {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.accept.await;
+        self.shared.flush_held_back_blocks(true);
         let stopped = EventDraft::new(EventKind::Gateway, AuditDecision::Info, "gateway-stopped");
         if let Err(err) = self.shared.audit.append(stopped) {
             tracing::error!(error = %err, "audit write failed");

@@ -9,6 +9,7 @@
 
 mod agents;
 mod api;
+mod audit_log;
 
 mod common;
 mod errors;

@@ -2,6 +2,7 @@
 //! test, every gateway runs with `loopback_only`, and host names are routed with the
 //! upstream-override map.
 
+mod audit_bounds;
 mod audit_chain;
 mod clients;
 mod custody;
