@@ -4,6 +4,7 @@
 
 mod audit_chain;
 mod clients;
+mod holes;
 mod limits;
 mod mitm;
 mod proxy;
