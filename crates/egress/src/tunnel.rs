@@ -151,18 +151,23 @@ async fn read_client_hello<S: AsyncRead + Unpin>(
     let mut peeked = Vec::new();
     let read = async {
         let mut chunk = [0u8; 4096];
+        // Parsed again only once the next record is complete, so a client trickling
+        // bytes costs one parse per record, not one per read.
+        let mut needed = 0;
         loop {
-            match peek_client_hello(&peeked) {
-                Ok(Peek::NeedMore) if peeked.len() >= MAX_PEEK => {
+            if peeked.len() >= needed {
+                match peek_client_hello(&peeked) {
+                    Ok(Peek::NeedMore { at_least }) => needed = at_least,
+                    Ok(Peek::Hello(hello)) => return Ok(hello),
+                    Err(err) => {
+                        return Err(opaque(format!(
+                            "the tunnel did not start with a valid TLS ClientHello ({err})"
+                        )));
+                    }
+                }
+                if needed > MAX_PEEK {
                     return Err(opaque(format!(
                         "no complete ClientHello in the first {MAX_PEEK} bytes"
-                    )));
-                }
-                Ok(Peek::NeedMore) => {}
-                Ok(Peek::Hello(hello)) => return Ok(hello),
-                Err(err) => {
-                    return Err(opaque(format!(
-                        "the tunnel did not start with a valid TLS ClientHello ({err})"
                     )));
                 }
             }
@@ -234,8 +239,11 @@ fn sni_matches(host: &str, hello: &ClientHello) -> Result<(), String> {
 /// What [`peek_client_hello`] found so far.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Peek {
-    /// A prefix of a plausible ClientHello: read more.
-    NeedMore,
+    /// A prefix of a plausible ClientHello: read until the buffer holds `at_least`
+    /// bytes (always more than it holds now), then look again.
+    NeedMore {
+        at_least: usize,
+    },
     Hello(ClientHello),
 }
 
@@ -258,7 +266,7 @@ pub(crate) fn peek_client_hello(buf: &[u8]) -> Result<Peek, &'static str> {
     let mut pos = 0;
     loop {
         let Some(header) = buf.get(pos..pos + 5) else {
-            return Ok(Peek::NeedMore);
+            return Ok(Peek::NeedMore { at_least: pos + 5 });
         };
         if header[0] != 22 {
             return Err("a non-handshake record inside the ClientHello");
@@ -271,7 +279,9 @@ pub(crate) fn peek_client_hello(buf: &[u8]) -> Result<Peek, &'static str> {
             return Err("bad record length");
         }
         let Some(fragment) = buf.get(pos + 5..pos + 5 + len) else {
-            return Ok(Peek::NeedMore);
+            return Ok(Peek::NeedMore {
+                at_least: pos + 5 + len,
+            });
         };
         handshake.extend_from_slice(fragment);
         pos += 5 + len;
@@ -461,7 +471,15 @@ mod tests {
     fn reads_the_server_name_of_real_and_fragmented_client_hellos() {
         let real = rustls_hello("api.test");
         for end in 0..real.len() {
-            assert_eq!(peek_client_hello(&real[..end]), Ok(Peek::NeedMore), "{end}");
+            match peek_client_hello(&real[..end]) {
+                Ok(Peek::NeedMore { at_least }) => {
+                    assert!(
+                        at_least > end && at_least <= real.len(),
+                        "{end}: {at_least}"
+                    );
+                }
+                other => panic!("{end}: {other:?}"),
+            }
         }
         assert_eq!(names_of(&real), vec!["api.test"]);
         // Bytes after the hello (a second record, early data) do not matter.
@@ -475,7 +493,12 @@ mod tests {
         for fragment in [7, 1] {
             let cut = records(1, body, fragment);
             assert_eq!(names_of(&cut), vec!["api.test"], "{fragment}");
-            assert_eq!(peek_client_hello(&cut[..cut.len() - 1]), Ok(Peek::NeedMore));
+            assert_eq!(
+                peek_client_hello(&cut[..cut.len() - 1]),
+                Ok(Peek::NeedMore {
+                    at_least: cut.len()
+                })
+            );
         }
         // No extensions at all (an old client): no server name.
         assert!(names_of(&records(1, &hello_body(None), 100)).is_empty());
@@ -605,9 +628,13 @@ mod tests {
                 bytes[at] = u8::try_from(next() & 0xff).expect("byte");
             }
             bytes.truncate(usize::try_from(next() % (bytes.len() as u64 + 1)).expect("len"));
-            if let Ok(Peek::Hello(hello)) = peek_client_hello(&bytes) {
-                let named: usize = hello.server_names.iter().map(Vec::len).sum();
-                assert!(named <= bytes.len());
+            match peek_client_hello(&bytes) {
+                Ok(Peek::Hello(hello)) => {
+                    let named: usize = hello.server_names.iter().map(Vec::len).sum();
+                    assert!(named <= bytes.len());
+                }
+                Ok(Peek::NeedMore { at_least }) => assert!(at_least > bytes.len()),
+                Err(_) => {}
             }
         }
     }
