@@ -91,7 +91,10 @@ pub(crate) async fn handle_connect(
                 return Ok((0, 0));
             };
             let mut client = TokioIo::new(upgraded);
-            let peeked = read_client_hello(&mut client, &host, hello_timeout).await?;
+            let peeked = match read_client_hello(&mut client, &host, hello_timeout).await {
+                Ok(peeked) => peeked,
+                Err(refusal) => return Err((refusal, client)),
+            };
             let mut upstream = upstream;
             if upstream.write_all(&peeked).await.is_err() {
                 return Ok((0, 0));
@@ -112,10 +115,14 @@ pub(crate) async fn handle_connect(
                 draft.bytes_down = down;
                 draft.detail = Some("passthrough: not intercepted".into());
             }
-            Err(Refusal { reason, detail }) => {
+            Err((Refusal { reason, detail }, client)) => {
                 draft.decision = AuditDecision::Block;
                 draft.reason = reason.into();
                 draft.detail = Some(detail);
+                // The client sees the tunnel close only once the refusal is on record.
+                shared.record(draft);
+                drop(client);
+                return;
             }
         }
         shared.record(draft);

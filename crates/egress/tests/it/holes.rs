@@ -18,6 +18,23 @@ async fn wait_for_reason(path: &std::path::Path, reason: &str) -> serde_json::Va
     panic!("no `{reason}` event in {:?}", traffic(path));
 }
 
+/// Waits until `n` events have `reason` (a passthrough tunnel's event is written when
+/// it closes, which may be after the test has moved on).
+async fn wait_for_count(path: &std::path::Path, reason: &str, n: usize) {
+    for _ in 0..250 {
+        if traffic(path)
+            .iter()
+            .filter(|e| e["reason"] == reason)
+            .count()
+            >= n
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("fewer than {n} `{reason}` events in {:?}", traffic(path));
+}
+
 #[tokio::test]
 async fn method_override_headers_are_decided_as_the_method_they_name() {
     let origin = origin().await;
@@ -286,6 +303,7 @@ async fn passthrough_tunnels_must_name_the_connect_host_in_their_client_hello() 
         .await
         .expect("TLS to the IP-literal passthrough host");
     assert!(get(tls, "127.0.0.1").await.contains("GET /hello"));
+    wait_for_count(&gw.audit_path, "allowed-passthrough", 2).await;
     // … but not one naming a host.
     let tunnel = raw_connect(proxy, &target).await;
     assert!(connector.connect(name("other.test"), tunnel).await.is_err());
