@@ -114,6 +114,38 @@ fn default_true() -> bool {
     true
 }
 
+/// Headers that frameworks (Express's `method-override`, Symfony, ASP.NET, Google APIs)
+/// read as the request's method in place of the real one. See
+/// [`EgressPolicy::decide_overridable`].
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The one method all `values` name, upper-cased; `None` if one is empty or not a token,
+/// or they name different methods.
+fn override_method(values: &[&[u8]]) -> Option<String> {
+    let mut method: Option<String> = None;
+    for value in values {
+        let token_ok = !value.is_empty() && value.iter().all(|&b| is_token_byte(b));
+        if !token_ok {
+            return None;
+        }
+        let upper = String::from_utf8_lossy(value).to_ascii_uppercase();
+        match &method {
+            Some(seen) if *seen != upper => return None,
+            Some(_) => {}
+            None => method = Some(upper),
+        }
+    }
+    method
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// What the gateway knows about one request when it asks the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestFacts<'a> {
@@ -147,9 +179,16 @@ pub enum Reason {
     GitRepoNotAllowed,
     GitFetchNotAllowed,
     GitPushNotAllowed,
-    /// The path has dot segments, encoded dots or slashes, or backslashes: the origin
-    /// might normalise it to a path the rules never saw, so it is refused outright.
+    /// The path has dot segments (also `..;param`), encoded dots or slashes at any depth
+    /// of encoding, backslashes or malformed escapes: the origin might normalise it to a
+    /// path the rules never saw, so it is refused outright.
     AmbiguousPath,
+    /// The real method is allowed, but a method-override header
+    /// ([`METHOD_OVERRIDE_HEADERS`]) names one that is not.
+    MethodOverrideNotAllowed,
+    /// A method-override header is empty, not a method token, or the override headers
+    /// name more than one method.
+    BadMethodOverride,
 }
 
 impl Reason {
@@ -166,6 +205,8 @@ impl Reason {
             Reason::GitFetchNotAllowed => "git-fetch-not-allowed",
             Reason::GitPushNotAllowed => "git-push-not-allowed",
             Reason::AmbiguousPath => "ambiguous-path",
+            Reason::MethodOverrideNotAllowed => "method-override-not-allowed",
+            Reason::BadMethodOverride => "bad-method-override",
         }
     }
 
@@ -180,6 +221,7 @@ impl Reason {
             Reason::PathNotAllowed | Reason::GitRepoNotAllowed => 3,
             Reason::GitFetchNotAllowed | Reason::GitPushNotAllowed => 4,
             Reason::AmbiguousPath => 5,
+            Reason::MethodOverrideNotAllowed | Reason::BadMethodOverride => 6,
         }
     }
 }
@@ -326,6 +368,34 @@ impl EgressPolicy {
         best
     }
 
+    /// Decides a request that may carry method-override headers: `overrides` holds every
+    /// value of every [`METHOD_OVERRIDE_HEADERS`] header. Frameworks that honour them run
+    /// the named method, so the request must be allowed both as its real method and as
+    /// the one they name; values naming different methods, an empty value or one that is
+    /// not a method token are refused, since origins disagree on which one wins.
+    #[must_use]
+    pub fn decide_overridable(&self, facts: &RequestFacts<'_>, overrides: &[&[u8]]) -> Decision {
+        let decision = self.decide(facts);
+        if !decision.is_allow() || overrides.is_empty() {
+            return decision;
+        }
+        let Some(method) = override_method(overrides) else {
+            return Decision::block(Reason::BadMethodOverride, decision.rule);
+        };
+        if method.eq_ignore_ascii_case(facts.method) {
+            return decision;
+        }
+        let overridden = self.decide(&RequestFacts {
+            method: &method,
+            ..*facts
+        });
+        if overridden.is_allow() {
+            decision
+        } else {
+            Decision::block(Reason::MethodOverrideNotAllowed, overridden.rule)
+        }
+    }
+
     /// Decides a CONNECT by host and port only. Requests inside an intercepted tunnel are
     /// decided again, one by one, with [`EgressPolicy::decide`].
     #[must_use]
@@ -413,10 +483,7 @@ impl EgressRule {
             return Err(PolicyError::BadPort { index });
         }
         for method in &self.methods {
-            let token_ok = !method.is_empty()
-                && method
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            let token_ok = !method.is_empty() && method.bytes().all(is_token_byte);
             if !token_ok {
                 return Err(PolicyError::BadMethod {
                     index,
@@ -588,27 +655,107 @@ fn valid_repo_path(repo: &str) -> Option<&str> {
 }
 
 /// Whether an origin could read `path` as a different path than the rules see: dot
-/// segments (`/../`, `/./`), percent-encoded `.`, `/` or `\`, a literal backslash, or a
-/// path that does not start with `/`. Such paths are refused rather than normalised,
-/// because origins disagree on normalisation.
+/// segments (`/../`, `/./`, also with `;parameters` as in `/..;/`, which Tomcat and
+/// Spring drop before resolving dots), percent-encoded `.`, `/`, `\` or NUL at any depth
+/// of encoding (`%2e`, `%252e`, `%25252e`, …), overlong UTF-8 for them, a literal
+/// backslash, a `%` not followed by two hex digits, or a path that does not start with
+/// `/`. Such paths are refused rather than normalised, because origins disagree on
+/// normalisation (and some frameworks decode twice).
 #[must_use]
 pub fn path_is_ambiguous(path: &str) -> bool {
     if !path.starts_with('/') && path != "*" {
         return true;
     }
-    if path.contains('\\') {
+    let mut layer = path.as_bytes().to_vec();
+    // The raw path must be well-formed percent-encoding; in a decoded layer a stray `%`
+    // is a literal percent sign (`%25` decodes to it).
+    if !percent_encoding_is_well_formed(&layer) {
         return true;
     }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains("%00")
-    {
+    // Each round decodes one more layer of encoding, as an origin that decodes once
+    // more than its router would; a path still changing after that many is refused.
+    for _ in 0..4 {
+        if layer_is_ambiguous(&layer) {
+            return true;
+        }
+        let decoded = percent_decode(&layer);
+        if decoded == layer {
+            return false;
+        }
+        layer = decoded;
+    }
+    true
+}
+
+fn layer_is_ambiguous(layer: &[u8]) -> bool {
+    if layer.contains(&b'\\') || layer.contains(&0) {
         return true;
     }
-    path.split('/')
-        .any(|segment| segment == "." || segment == "..")
+    let lower = layer.to_ascii_lowercase();
+    let has = |needle: &[u8]| lower.windows(needle.len()).any(|w| w == needle);
+    if [b"%2e", b"%2f", b"%5c", b"%00"].iter().any(|n| has(*n)) {
+        return true;
+    }
+    if has_overlong_utf8(layer) {
+        return true;
+    }
+    layer.split(|&b| b == b'/').any(|segment| {
+        // `..;x` is `..` to servlet containers, which drop a segment's parameters.
+        let name = segment.split(|&b| b == b';').next().unwrap_or_default();
+        name == b"." || name == b".."
+    })
+}
+
+fn percent_encoding_is_well_formed(bytes: &[u8]) -> bool {
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = |j: usize| bytes.get(j).is_some_and(u8::is_ascii_hexdigit);
+            if !(hex(i + 1) && hex(i + 2)) {
+                return false;
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    true
+}
+
+/// Decodes every valid `%XX`; anything else, a stray `%` included, is kept.
+fn percent_decode(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push(hi << 4 | lo);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Lead bytes that only ever start an overlong (invalid) UTF-8 sequence, which lenient
+/// decoders turn into `.` or `/` (`%c0%ae`, `%e0%80%ae`).
+fn has_overlong_utf8(bytes: &[u8]) -> bool {
+    bytes.iter().enumerate().any(|(i, &b)| {
+        let next = bytes.get(i + 1).copied().unwrap_or(0xff);
+        b == 0xc0 || b == 0xc1 || (b == 0xe0 && next < 0xa0) || (b == 0xf0 && next < 0x90)
+    })
 }
 
 /// `pattern` is `name` or `*.suffix`; comparison ignores ASCII case and a trailing dot.
@@ -814,6 +961,109 @@ rules:
         }
         assert!(!path_is_ambiguous("/v1/messages/...hidden/x.y"));
         assert!(!path_is_ambiguous("/v1/mess%61ges"));
+    }
+
+    #[test]
+    fn method_override_headers_are_decided_as_the_method_they_name() {
+        let policy = example_policy();
+        let post = facts("api.anthropic.com", "POST", "/v1/messages", None);
+        let decide = |values: &[&str]| {
+            let values: Vec<&[u8]> = values.iter().map(|v| v.as_bytes()).collect();
+            policy.decide_overridable(&post, &values)
+        };
+        // No override: the real method decides.
+        assert!(decide(&[]).is_allow());
+        // The rule allows only POST: an override naming another method is refused.
+        assert_eq!(
+            decide(&["DELETE"]),
+            Decision::block(Reason::MethodOverrideNotAllowed, Some(0))
+        );
+        assert_eq!(decide(&["get"]).reason, Reason::MethodOverrideNotAllowed);
+        // Naming the real method (in any case) changes nothing.
+        assert!(decide(&["POST"]).is_allow());
+        assert!(decide(&["post", "POST"]).is_allow());
+        // Several different methods, an empty value, a list or a non-token: refused.
+        for values in [
+            &["POST", "DELETE"][..],
+            &[""],
+            &[" "],
+            &["POST, DELETE"],
+            &["DEL ETE"],
+            &["PO\tST"],
+        ] {
+            assert_eq!(
+                decide(values).reason,
+                Reason::BadMethodOverride,
+                "{values:?}"
+            );
+        }
+        assert_eq!(
+            policy.decide_overridable(&post, &[b"\xffPOST"]).reason,
+            Reason::BadMethodOverride
+        );
+        // A request the real method cannot make stays refused for its own reason.
+        let get = facts("api.anthropic.com", "GET", "/v1/messages", None);
+        assert_eq!(
+            policy.decide_overridable(&get, &[b"POST"]),
+            Decision::block(Reason::MethodNotAllowed, Some(0))
+        );
+        // A rule without methods allows any override.
+        let any = facts("raw.githubusercontent.com", "POST", "/x", None);
+        assert!(policy.decide_overridable(&any, &[b"DELETE"]).is_allow());
+        assert_eq!(Reason::BadMethodOverride.as_str(), "bad-method-override");
+        assert_eq!(
+            Reason::MethodOverrideNotAllowed.as_str(),
+            "method-override-not-allowed"
+        );
+    }
+
+    #[test]
+    fn path_parameters_and_double_encoding_are_ambiguous() {
+        for path in [
+            // Tomcat and Spring drop `;params` from a segment before resolving dots.
+            "/a/..;/b",
+            "/a/..;jsessionid=1/b",
+            "/a/.;/b",
+            "/a/..;",
+            // Double (and triple) encoding: an origin or a framework decoding twice sees
+            // a dot, a slash or a backslash the rules never saw.
+            "/%252e%252e/admin",
+            "/%252E./admin",
+            "/a/.%252e/admin",
+            "/a%252f..%252fadmin",
+            "/a%255c..%255cadmin",
+            "/a/%25252e%25252e/admin",
+            "/a/%252500",
+            // `%%32e` is `%2e` to a decoder that leaves the stray `%` alone.
+            "/a/%%32e%%32e/admin",
+            // An encoded `;` decoded before the parameters are dropped.
+            "/a/..%3b/b",
+            "/a/..%253B/b",
+            // Not percent-encoding at all: decoders differ on what they do with it.
+            "/a/%zz",
+            "/a/%2",
+            "/a/%",
+            "/a/%u002e%u002e/b",
+            // Overlong UTF-8 for `.` and `/`, which old decoders accept.
+            "/a/%c0%ae%c0%ae/b",
+            "/a/%C0%AF",
+            "/a/%e0%80%ae",
+        ] {
+            assert!(path_is_ambiguous(path), "{path} should be ambiguous");
+        }
+        for path in [
+            "/a;b/c",
+            "/a/b;c=d",
+            "/a/...;/b",
+            "/a/%25",
+            "/a/100%25done",
+            "/a/%2541",
+            "/a/%e2%82%ac",
+            "/a/%e0%a4%85",
+            "/a/.well-known/x",
+        ] {
+            assert!(!path_is_ambiguous(path), "{path} should be plain");
+        }
     }
 
     #[test]

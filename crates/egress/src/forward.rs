@@ -94,7 +94,14 @@ pub(crate) async fn process(
     started: Instant,
 ) -> Response<ProxyBody> {
     let policy = shared.policy();
-    let rule = match decide_request(&shared, &policy, req.method(), &target, req.uri()) {
+    let rule = match decide_request(
+        &shared,
+        &policy,
+        req.method(),
+        &target,
+        req.uri(),
+        req.headers(),
+    ) {
         Ok(rule) => rule,
         Err(blocked) => return *blocked,
     };

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::tripwire::Attempt;
-use bot_bottle_core::policy::{AuditLevel, EgressPolicy, RequestFacts};
+use bot_bottle_core::policy::{AuditLevel, EgressPolicy, METHOD_OVERRIDE_HEADERS, RequestFacts};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
@@ -906,6 +906,7 @@ pub(crate) fn decide_request(
     method: &Method,
     target: &Target,
     uri: &http::Uri,
+    headers: &HeaderMap,
 ) -> Result<Option<usize>, Box<Response<ProxyBody>>> {
     if let Some(refusal) = shared.audit_refusal() {
         return Err(Box::new(refusal));
@@ -917,7 +918,12 @@ pub(crate) fn decide_request(
         path: uri.path(),
         query: uri.query(),
     };
-    let decision = policy.decide(&facts);
+    let overrides: Vec<&[u8]> = METHOD_OVERRIDE_HEADERS
+        .iter()
+        .flat_map(|name| headers.get_all(*name))
+        .map(HeaderValue::as_bytes)
+        .collect();
+    let decision = policy.decide_overridable(&facts, &overrides);
     if decision.is_allow() {
         return Ok(decision.rule);
     }
@@ -925,6 +931,15 @@ pub(crate) fn decide_request(
     let mut draft = request_draft(AuditDecision::Block, reason, method, target, uri.path());
     draft.rule = decision.rule;
     draft.status = Some(403);
+    if !overrides.is_empty() {
+        draft.detail = Some(format!(
+            "method override {:?}",
+            overrides
+                .iter()
+                .map(|v| String::from_utf8_lossy(v))
+                .collect::<Vec<_>>()
+        ));
+    }
     shared.record(draft);
     Err(Box::new(block_response(
         reason,

@@ -89,12 +89,14 @@ impl Resolver<'_> {
         let mut first_refusal = None;
         for addr in candidates {
             let ip = canonical(addr.ip());
-            let refusal = if self.loopback_only && !ip.is_loopback() {
-                Some(UpstreamError::NotLoopback(ip))
-            } else if overridden.is_none() && !self.allow_private && is_special(ip) {
+            // The private check comes first so that a test (loopback guard on) sees the
+            // refusal a real gateway gives; an address must pass both.
+            let refusal = if overridden.is_none() && !self.allow_private && is_special(ip) {
                 // The override map is configuration from the launching process, not
                 // something the agent controls, so only resolved names are checked.
                 Some(UpstreamError::Private(ip))
+            } else if self.loopback_only && !ip.is_loopback() {
+                Some(UpstreamError::NotLoopback(ip))
             } else {
                 None
             };
@@ -130,7 +132,10 @@ impl Resolver<'_> {
     }
 }
 
-/// Maps IPv4-mapped IPv6 addresses to IPv4 so the range checks see the real address.
+/// Maps IPv4-mapped IPv6 addresses to IPv4, which is where the kernel connects them.
+/// Other forms that embed an IPv4 address reach it through a translator or a relay, so
+/// they stay IPv6 (the loopback guard must not take `2002:7f00:1::` for loopback) and
+/// [`is_special`] judges them by the address they embed.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -142,11 +147,42 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 /// Loopback, private, link-local (which holds the cloud metadata address), CGNAT,
-/// unspecified, multicast, reserved, benchmarking and documentation ranges.
+/// unspecified, multicast, reserved, benchmarking and documentation ranges; and an IPv6
+/// address that embeds an IPv4 address in one of them (see [`embedded_v4`]).
 pub(crate) fn is_special(ip: IpAddr) -> bool {
     match canonical(ip) {
         IpAddr::V4(v4) => is_special_v4(v4),
-        IpAddr::V6(v6) => is_special_v6(v6),
+        IpAddr::V6(v6) => is_special_v6(v6) || embedded_v4(v6).iter().any(|&v4| is_special_v4(v4)),
+    }
+}
+
+fn v4_of(hi: u16, lo: u16) -> Ipv4Addr {
+    Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo))
+}
+
+/// The IPv4 addresses an IPv6 address carries, for the forms a translator or relay
+/// turns into IPv4 traffic:
+/// - IPv4-mapped `::ffff:a.b.c.d` and IPv4-compatible `::a.b.c.d` (deprecated, but
+///   some stacks still map it),
+/// - SIIT `::ffff:0:a.b.c.d` (RFC 6145/7915),
+/// - NAT64 `64:ff9b::a.b.c.d` (RFC 6052; the local-use `64:ff9b:1::/48` is refused
+///   whole by [`is_special_v6`], since where its IPv4 sits depends on the operator),
+/// - Teredo `2001:0::/32` (RFC 4380): the server in bits 32..64 and the client, the
+///   last 32 bits XOR `0xffffffff`; both are returned,
+/// - 6to4 `2002::/16` (RFC 3056): bits 16..48.
+fn embedded_v4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
+    let s = ip.segments();
+    match s {
+        [0, 0, 0, 0, 0, 0xffff, hi, lo] // mapped
+        | [0, 0, 0, 0, 0xffff, 0, hi, lo] // SIIT
+        | [0, 0, 0, 0, 0, 0, hi, lo] // compatible (also :: and ::1, special anyway)
+        | [0x0064, 0xff9b, 0, 0, 0, 0, hi, lo] => vec![v4_of(hi, lo)],
+        [0x2001, 0, server_hi, server_lo, _, _, client_hi, client_lo] => vec![
+            v4_of(server_hi, server_lo),
+            v4_of(!client_hi, !client_lo),
+        ],
+        [0x2002, hi, lo, ..] => vec![v4_of(hi, lo)],
+        _ => Vec::new(),
     }
 }
 
@@ -175,17 +211,9 @@ fn is_special_v6(ip: Ipv6Addr) -> bool {
         || (seg[0] & 0xffc0) == 0xfe80 // link-local
         || (seg[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
         || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
-        // NAT64 and 6to4 embed an IPv4 address that may itself be private.
-        || (seg[0] == 0x0064 && seg[1] == 0xff9b && {
-            let [_, _, _, _, _, _, hi, lo] = seg;
-            is_special_v4(Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8))
-        })
-        || (seg[0] == 0x2002 && is_special_v4(Ipv4Addr::new(
-            (seg[1] >> 8) as u8,
-            seg[1] as u8,
-            (seg[2] >> 8) as u8,
-            seg[2] as u8,
-        )))
+        || (seg[0] == 0x3fff && seg[1] < 0x1000) // documentation 3fff::/20
+        || (seg[0] == 0x0100 && seg[1..4] == [0, 0, 0]) // discard-only 100::/64
+        || (seg[0] == 0x0064 && seg[1] == 0xff9b && seg[2] == 0x0001) // local-use NAT64
 }
 
 #[cfg(test)]
@@ -216,12 +244,48 @@ mod tests {
         ] {
             assert!(is_special(s.parse().expect("ip")), "{s} should be special");
         }
+        // IPv6 forms that embed an IPv4 address are judged by the address they embed.
+        for s in [
+            // IPv4-compatible (deprecated), ::/96
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::169.254.169.254",
+            "::a9fe:a9fe",
+            // SIIT, ::ffff:0:0/96
+            "::ffff:0:127.0.0.1",
+            "::ffff:0:192.168.0.1",
+            "::ffff:0:a9fe:a9fe",
+            // NAT64 well-known prefix, and all of the local-use 64:ff9b:1::/48
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::10.1.2.3",
+            "64:ff9b:1::808:808",
+            "64:ff9b:1:ffff::1",
+            // Teredo: server in bits 32..64, client = last 32 bits XOR 0xffffffff
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2", // server 65.54.227.120, client 192.0.2.45
+            "2001:0:4136:e378:8000:63bf:80ff:fffe", // client 127.0.0.1
+            "2001:0:4136:e378:8000:63bf:f5ff:fffe", // client 10.0.0.1
+            "2001:0:a00:1::1",                      // server 10.0.0.1
+            // 6to4
+            "2002:7f00:1::1",
+            "2002:a9fe:a9fe::1",
+            // discard-only, documentation (RFC 9637)
+            "100::1",
+            "3fff::1",
+        ] {
+            assert!(is_special(s.parse().expect("ip")), "{s} should be special");
+        }
         for s in [
             "93.184.216.34",
             "100.128.0.1",
             "8.8.8.8",
             "2606:4700::1111",
             "64:ff9b::808:808",
+            "::8.8.8.8",
+            "::ffff:0:8.8.8.8",
+            "2001:0:4136:e378:8000:63bf:f7f7:f7f7", // client 8.8.8.8
+            "2002:808:808::1",
+            "2001:4860:4860::8888",
+            "3fff:1000::1",
         ] {
             assert!(!is_special(s.parse().expect("ip")), "{s} should be public");
         }
@@ -263,6 +327,24 @@ mod tests {
         assert_eq!(
             open.resolve("::1", 80).await,
             Err(UpstreamError::Private("::1".parse().expect("ip")))
+        );
+        assert_eq!(
+            open.resolve("::ffff:0:127.0.0.1", 80).await,
+            Err(UpstreamError::Private(
+                "::ffff:0:127.0.0.1".parse().expect("ip")
+            ))
+        );
+        // The private check comes before the loopback-only guard, so a test sees the
+        // refusal a real gateway would give; both refuse.
+        assert_eq!(
+            resolver.resolve("::127.0.0.1", 80).await,
+            Err(UpstreamError::Private("::127.0.0.1".parse().expect("ip")))
+        );
+        assert_eq!(
+            resolver.resolve("2002:7f00:1::1", 80).await,
+            Err(UpstreamError::Private(
+                "2002:7f00:1::1".parse().expect("ip")
+            ))
         );
         let allowed = Resolver {
             overrides: &overrides,
