@@ -239,7 +239,10 @@ pub(crate) async fn process(
             "a credential (or its placeholder) was on its way to a host it is not for".to_string(),
         ))
     } else if !blocking.is_empty() {
-        let ids: Vec<&str> = blocking.iter().map(|f| f.rule_id.as_str()).collect();
+        // Each rule once: a body of a million keys is one rule id, not a million.
+        let mut ids: Vec<&str> = blocking.iter().map(|f| f.rule_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
         Some((
             "dlp-blocked",
             format!("secret detected: {}", ids.join(", ")),

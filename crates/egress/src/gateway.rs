@@ -862,9 +862,10 @@ async fn handle_proxy_request(shared: Arc<Shared>, req: Request<Incoming>) -> Re
                 &path,
             );
             draft.status = Some(403);
+            // Cut before formatting: a bottle may send a header of hundreds of KB.
+            let shown = truncate(&String::from_utf8_lossy(host_header.as_bytes()), 512);
             draft.detail = Some(format!(
-                "Host header {:?} differs from the request target",
-                host_header
+                "Host header {shown:?} differs from the request target"
             ));
             shared.record(draft);
             return block_response(

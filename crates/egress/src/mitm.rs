@@ -372,7 +372,11 @@ async fn handle_inner(
             "request names {:?} inside a tunnel to {}:{}",
             req.headers()
                 .get(header::HOST)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).to_string())
+                .map(|v| {
+                    // Cut before formatting: the header may be hundreds of KB.
+                    let bytes = v.as_bytes();
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).to_string()
+                })
                 .or_else(|| req.uri().authority().map(ToString::to_string))
                 .unwrap_or_default(),
             target.host,

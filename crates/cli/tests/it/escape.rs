@@ -60,6 +60,14 @@ handshake=$(curl --http1.1 -sS -m 5 -D - -o /dev/null -H 'Upgrade: websocket' -H
   -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' \
   -H "Sec-WebSocket-Protocol: $ECHO_TOKEN" https://echo.example/ws 2>&1 | tr -d '\r')
 printf 'WS-BEGIN\n%s\nWS-END\n' "$handshake"
+# A Host header of 400 KB of quotes: its audit line stays short, and the log readable.
+big=$(head -c 400000 /dev/zero | tr '\0' '"')
+# Raw, to the gateway's forwarder: curl will not send a header this long.
+exec 5<>/dev/tcp/127.0.0.1/3128
+printf 'GET http://evil.example/ HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$big" >&5
+huge=$(head -c 4096 <&5 | tr -d '\r')
+exec 5<&-
+echo "huge-host $(printf '%s\n' "$huge" | head -1 | cut -d' ' -f2) $(printf '%s\n' "$huge" | sed -n 's/^x-bot-bottle-block: //Ip' | head -1)"
 # The host's run directory (the gateway's socket, the provisioned files) is mounted for
 # the agent to read and connect to, never to write.
 sealed write-run-dir 'touch /run/bot-bottle/planted'
@@ -312,6 +320,12 @@ fn docker_escape_suite() {
         !log.contains("AKIAQYLPMN5HHHFPZAM2"),
         "the planted AWS key is in the audit log"
     );
+    // The huge Host header was refused, and no line of the log came near the reader's
+    // limit (the documented bound is 64 KiB per line).
+    let huge = line("huge-host");
+    assert_eq!(huge, "huge-host 403 host-mismatch", "{text}");
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest <= 64 * 1024, "an audit line of {longest} bytes");
     let verify = project.run(&["audit", "verify", &slug]);
     assert_eq!(verify.status.code(), Some(0), "{}", stderr(&verify));
 }
