@@ -5,11 +5,10 @@
 use std::io::BufReader;
 use std::time::{Duration, Instant};
 
-use bot_bottle_egress::Listen;
 use bot_bottle_egress::audit::{self, AuditError, Entry, MAX_EVENT_LINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{audit_lines, curl, gateway, origin, policy, start_at};
+use crate::support::{audit_lines, curl, gateway, one_allowed_request_on, origin, policy};
 
 /// Sends `request` on a new connection to the gateway and returns the status line.
 async fn raw_request(gateway: std::net::SocketAddr, request: &[u8]) -> String {
@@ -68,10 +67,8 @@ async fn a_huge_host_header_of_quotes_leaves_a_short_line_that_verifies() {
         .expect("the block is audited");
     let detail = mismatch.detail.as_deref().expect("detail");
     assert!(detail.len() <= audit::MAX_DETAIL, "{}", detail.len());
-    assert!(
-        detail.contains("…[+"),
-        "truncation is marked: {detail:.200}"
-    );
+    // Cut twice: by the gateway before formatting, and by the log's field bound.
+    assert!(detail.contains('…'), "truncation is marked: {detail:.200}");
     assert!(detail.starts_with("Host header \"\\\"\\\""), "{detail:.40}");
 }
 
@@ -246,16 +243,7 @@ async fn a_planted_garbage_line_is_named_and_the_rest_is_read_and_verified() {
     std::fs::write(&audit_path, &planted).expect("write");
 
     // The gateway continues the chain after the planted line.
-    let handle = start_at(
-        Listen::Tcp("127.0.0.1:0".parse().expect("addr")),
-        rules,
-        &audit_path,
-        &[("api.test", origin)],
-    )
-    .await;
-    let proxy = format!("http://{}", handle.tcp_addr().expect("tcp"));
-    assert_eq!(curl(&proxy, &["http://api.test/d"]).await.status, 200);
-    handle.shutdown().await;
+    one_allowed_request_on(&audit_path, rules, origin, "http://api.test/d").await;
 
     let report = audit::check(&audit_path, &[]).expect("reads");
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);

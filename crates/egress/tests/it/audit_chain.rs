@@ -1,7 +1,6 @@
-use bot_bottle_egress::Listen;
 use bot_bottle_egress::audit::{self, AuditError};
 
-use crate::support::{curl, gateway, origin, policy, start_at};
+use crate::support::{curl, gateway, one_allowed_request_on, origin, policy};
 
 #[tokio::test]
 async fn the_chain_survives_a_restart_and_detects_modified_and_deleted_lines() {
@@ -28,16 +27,7 @@ async fn the_chain_survives_a_restart_and_detects_modified_and_deleted_lines() {
     let first = audit::verify(&audit_path).expect("verifies");
 
     // A new gateway on the same file continues the chain.
-    let handle = start_at(
-        Listen::Tcp("127.0.0.1:0".parse().expect("addr")),
-        rules,
-        &audit_path,
-        &[("api.test", origin)],
-    )
-    .await;
-    let proxy = format!("http://{}", handle.tcp_addr().expect("tcp"));
-    assert_eq!(curl(&proxy, &["http://api.test/c"]).await.status, 200);
-    handle.shutdown().await;
+    one_allowed_request_on(&audit_path, rules, origin, "http://api.test/c").await;
     let report = audit::verify(&audit_path).expect("verifies after restart");
     assert_eq!(report.last_seq, first.last_seq + 3);
     let events = audit::read(&audit_path).expect("reads");

@@ -14,7 +14,7 @@ use hyper::header::HeaderValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::mitm::{credential, read_head, sha256, switching_to_websocket, tls_through};
-use crate::support::{Handler, TestPki, audit_lines, policy, tls_gateway, tls_origin};
+use crate::support::{Handler, TestGateway, TestPki, audit_lines, policy, tls_gateway, tls_origin};
 
 /// Built at run time so no secret-shaped literal sits in the repository.
 fn real_token() -> String {
@@ -145,8 +145,16 @@ fn assert_no_trace(received: &str, secret: &str, what: &str) {
     }
 }
 
-#[tokio::test]
-async fn a_placeholder_outside_the_inject_slot_stays_a_placeholder() {
+/// A gateway whose bearer credential `model` is for `allowed.test`, a reflecting origin.
+struct Reflecting {
+    gw: TestGateway,
+    ca: std::path::PathBuf,
+    token: String,
+    placeholder: String,
+    proxy: std::net::SocketAddr,
+}
+
+async fn reflecting_gateway() -> Reflecting {
     let pki = TestPki::new();
     let origin = tls_origin(&pki, &["allowed.test"], Some(reflecting_origin())).await;
     let token = real_token();
@@ -160,6 +168,24 @@ async fn a_placeholder_outside_the_inject_slot_stays_a_placeholder() {
     )
     .await;
     let proxy = gw.handle.tcp_addr().expect("tcp");
+    Reflecting {
+        gw,
+        ca,
+        token,
+        placeholder,
+        proxy,
+    }
+}
+
+#[tokio::test]
+async fn a_placeholder_outside_the_inject_slot_stays_a_placeholder() {
+    let Reflecting {
+        gw,
+        ca,
+        token,
+        placeholder,
+        proxy,
+    } = reflecting_gateway().await;
 
     // The attack: a Basic value holding the placeholder, in a header the bottle chose.
     let smuggled = format!("Basic {}", STANDARD.encode(format!("zz:{placeholder}")));
@@ -224,19 +250,13 @@ async fn a_placeholder_outside_the_inject_slot_stays_a_placeholder() {
 
 #[tokio::test]
 async fn a_compressed_echo_is_decoded_and_scrubbed_or_refused() {
-    let pki = TestPki::new();
-    let origin = tls_origin(&pki, &["allowed.test"], Some(reflecting_origin())).await;
-    let token = real_token();
-    let bearer = credential("model", "allowed.test", Inject::Bearer, &token);
-    let placeholder = bearer.placeholder().to_string();
-    let (gw, ca) = tls_gateway(
-        policy("rules:\n  - host: allowed.test\n"),
-        &[("allowed.test", origin)],
-        &pki,
-        vec![bearer],
-    )
-    .await;
-    let proxy = gw.handle.tcp_addr().expect("tcp");
+    let Reflecting {
+        gw,
+        ca,
+        token,
+        placeholder,
+        proxy,
+    } = reflecting_gateway().await;
 
     let received = exchange(
         proxy,
@@ -281,19 +301,13 @@ async fn a_compressed_echo_is_decoded_and_scrubbed_or_refused() {
 
 #[tokio::test]
 async fn a_switching_protocols_answer_is_scrubbed() {
-    let pki = TestPki::new();
-    let origin = tls_origin(&pki, &["allowed.test"], Some(reflecting_origin())).await;
-    let token = real_token();
-    let bearer = credential("model", "allowed.test", Inject::Bearer, &token);
-    let placeholder = bearer.placeholder().to_string();
-    let (gw, ca) = tls_gateway(
-        policy("rules:\n  - host: allowed.test\n"),
-        &[("allowed.test", origin)],
-        &pki,
-        vec![bearer],
-    )
-    .await;
-    let proxy = gw.handle.tcp_addr().expect("tcp");
+    let Reflecting {
+        gw,
+        ca,
+        token,
+        placeholder,
+        proxy,
+    } = reflecting_gateway().await;
     let mut ws = tls_through(proxy, "allowed.test", &ca).await;
     ws.write_all(
         format!("GET /ws HTTP/1.1\r\nHost: allowed.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Protocol: {placeholder}\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes(),

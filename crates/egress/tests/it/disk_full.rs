@@ -11,7 +11,7 @@ use std::time::Duration;
 use bot_bottle_egress::Listen;
 use bot_bottle_egress::audit::{self, AuditLog};
 
-use crate::support::{curl, origin, policy, start_at};
+use crate::support::{curl, one_allowed_request_on, origin, policy, start_at};
 
 /// A tmpfs of `size`, unmounted on drop.
 struct SmallDisk {
@@ -119,16 +119,7 @@ async fn a_full_disk_fails_the_gateway_closed_and_loudly_and_keeps_whole_lines()
     );
     let log = AuditLog::open(&audit_path).expect("a later session continues the chain");
     drop(log);
-    let handle = start_at(
-        Listen::Tcp("127.0.0.1:0".parse().expect("addr")),
-        rules,
-        &audit_path,
-        &[("api.test", origin)],
-    )
-    .await;
-    let proxy = format!("http://{}", handle.tcp_addr().expect("tcp"));
-    assert_eq!(curl(&proxy, &["http://api.test/resumed"]).await.status, 200);
-    handle.shutdown().await;
+    one_allowed_request_on(&audit_path, rules, origin, "http://api.test/resumed").await;
     let resumed = audit::verify(&audit_path).expect("verifies after resuming");
     assert!(resumed.lines > report.lines, "{resumed:?} {report:?}");
 }

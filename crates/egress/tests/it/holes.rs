@@ -6,17 +6,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{TestPki, curl, gateway, origin, policy, tls_gateway, tls_origin, traffic};
-
-async fn wait_for_reason(path: &std::path::Path, reason: &str) -> serde_json::Value {
-    for _ in 0..100 {
-        if let Some(e) = traffic(path).into_iter().find(|e| e["reason"] == reason) {
-            return e;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no `{reason}` event in {:?}", traffic(path));
-}
+use crate::support::{
+    TestPki, curl, gateway, origin, policy, raw_connect, tls_gateway, tls_origin, traffic,
+    wait_for_reason,
+};
 
 /// Waits until `n` events have `reason` (a passthrough tunnel's event is written when
 /// it closes, which may be after the test has moved on).
@@ -180,32 +173,6 @@ async fn ipv6_forms_that_embed_a_private_ipv4_address_are_private_upstreams() {
         .collect();
     assert_eq!(refused, vec!["private-upstream"; hosts.len() + 1]);
     gw.handle.shutdown().await;
-}
-
-/// Opens a CONNECT tunnel by hand and returns the stream after the 200.
-async fn raw_connect(proxy: std::net::SocketAddr, target: &str) -> tokio::net::TcpStream {
-    let mut stream = tokio::net::TcpStream::connect(proxy)
-        .await
-        .expect("connect gateway");
-    stream
-        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .expect("write CONNECT");
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        stream
-            .read_exact(&mut byte)
-            .await
-            .expect("read CONNECT response");
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    stream
 }
 
 /// A TLS client that trusts the test PKI (the origin's own, as a pinned client would).

@@ -5,7 +5,10 @@ use bot_bottle_core::credential::{CredentialSource, CredentialSpec, Inject};
 use bot_bottle_egress::ResolvedCredential;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{TestPki, audit_lines, curl, policy, tls_gateway, tls_origin, traffic};
+use crate::support::{
+    TestPki, audit_lines, curl, policy, raw_connect, tls_gateway, tls_origin, traffic,
+    wait_for_reason,
+};
 
 const RULES: &str = r#"
 rules:
@@ -150,42 +153,6 @@ async fn intercepts_https_over_http1_and_http2_under_the_l7_policy() {
         ]
     );
     gw.handle.shutdown().await;
-}
-
-/// Opens a CONNECT tunnel by hand and returns the stream after the 200.
-async fn raw_connect(proxy: std::net::SocketAddr, target: &str) -> tokio::net::TcpStream {
-    let mut stream = tokio::net::TcpStream::connect(proxy)
-        .await
-        .expect("connect gateway");
-    stream
-        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .expect("write CONNECT");
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        stream
-            .read_exact(&mut byte)
-            .await
-            .expect("read CONNECT response");
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    stream
-}
-
-async fn wait_for_reason(path: &std::path::Path, reason: &str) -> serde_json::Value {
-    for _ in 0..100 {
-        if let Some(e) = traffic(path).into_iter().find(|e| e["reason"] == reason) {
-            return e;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no `{reason}` event in {:?}", traffic(path));
 }
 
 #[tokio::test]

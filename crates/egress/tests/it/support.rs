@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// A loopback HTTP origin that answers `METHOD PATH` plus the Host header it saw, and
 /// `/big/<n>` with `n` bytes.
@@ -388,4 +389,62 @@ pub async fn tls_gateway_with(
         },
         ca_path,
     )
+}
+
+/// Opens a CONNECT tunnel by hand and returns the stream after the 200.
+pub async fn raw_connect(proxy: std::net::SocketAddr, target: &str) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect gateway");
+    stream
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .expect("write CONNECT");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream
+            .read_exact(&mut byte)
+            .await
+            .expect("read CONNECT response");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream
+}
+
+/// Waits (up to 2 s) for the first traffic event with `reason`, and returns it.
+pub async fn wait_for_reason(path: &std::path::Path, reason: &str) -> serde_json::Value {
+    for _ in 0..100 {
+        if let Some(e) = traffic(path).into_iter().find(|e| e["reason"] == reason) {
+            return e;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("no `{reason}` event in {:?}", traffic(path));
+}
+
+/// Starts a gateway on an existing audit log (a later session of the same bottle), sends
+/// one request that `rules` allows to `url` (routed to `origin` as `api.test`), expects a
+/// 200, and stops the gateway.
+pub async fn one_allowed_request_on(
+    audit_path: &Path,
+    rules: EgressPolicy,
+    origin: SocketAddr,
+    url: &str,
+) {
+    let handle = start_at(
+        Listen::Tcp("127.0.0.1:0".parse().expect("addr")),
+        rules,
+        audit_path,
+        &[("api.test", origin)],
+    )
+    .await;
+    let proxy = format!("http://{}", handle.tcp_addr().expect("tcp"));
+    assert_eq!(curl(&proxy, &[url]).await.status, 200);
+    handle.shutdown().await;
 }
