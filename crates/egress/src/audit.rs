@@ -182,6 +182,35 @@ pub struct AuditEvent {
     pub hash: String,
 }
 
+impl AuditEvent {
+    /// The event a draft becomes at `seq`, before its hash is computed.
+    fn unhashed(draft: EventDraft, seq: u64, at: String, prev_hash: String, dlp_more: u64) -> Self {
+        AuditEvent {
+            seq,
+            at,
+            kind: draft.kind,
+            decision: draft.decision,
+            reason: draft.reason,
+            rule: draft.rule,
+            method: draft.method,
+            host: draft.host,
+            port: draft.port,
+            path: draft.path,
+            status: draft.status,
+            bytes_up: draft.bytes_up,
+            bytes_down: draft.bytes_down,
+            duration_ms: draft.duration_ms,
+            credential: draft.credential,
+            dlp: draft.dlp,
+            dlp_more,
+            held_back: draft.held_back,
+            detail: draft.detail,
+            prev_hash,
+            hash: String::new(),
+        }
+    }
+}
+
 /// What the gateway knows about an event; the log adds `seq`, `at` and the hashes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventDraft {
@@ -655,29 +684,8 @@ impl AuditLog {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (draft, dlp_more) = draft.bounded();
-        let mut event = AuditEvent {
-            seq: state.seq + 1,
-            at,
-            kind: draft.kind,
-            decision: draft.decision,
-            reason: draft.reason,
-            rule: draft.rule,
-            method: draft.method,
-            host: draft.host,
-            port: draft.port,
-            path: draft.path,
-            status: draft.status,
-            bytes_up: draft.bytes_up,
-            bytes_down: draft.bytes_down,
-            duration_ms: draft.duration_ms,
-            credential: draft.credential,
-            dlp: draft.dlp,
-            dlp_more,
-            held_back: draft.held_back,
-            detail: draft.detail,
-            prev_hash: state.prev_hash.clone(),
-            hash: String::new(),
-        };
+        let mut event =
+            AuditEvent::unhashed(draft, state.seq + 1, at, state.prev_hash.clone(), dlp_more);
         let body = serialise_within(&mut event, MAX_EVENT_LINE);
         let hash = hex::encode(Sha256::digest(&body));
         let mut line = body;
@@ -1898,28 +1906,14 @@ mod bounds_tests {
     fn a_line_that_would_not_fit_drops_dlp_records_then_cuts_every_field() {
         let (draft, more) = hostile_draft(MAX_DLP_RECORDS).bounded();
         assert_eq!(more, 0);
-        let event = |draft: EventDraft| AuditEvent {
-            seq: 1,
-            at: "2026-01-01T00:00:00Z".into(),
-            kind: draft.kind,
-            decision: draft.decision,
-            reason: draft.reason,
-            rule: draft.rule,
-            method: draft.method,
-            host: draft.host,
-            port: draft.port,
-            path: draft.path,
-            status: draft.status,
-            bytes_up: draft.bytes_up,
-            bytes_down: draft.bytes_down,
-            duration_ms: draft.duration_ms,
-            credential: draft.credential,
-            dlp: draft.dlp,
-            dlp_more: 0,
-            held_back: 0,
-            detail: draft.detail,
-            prev_hash: GENESIS_HASH.into(),
-            hash: String::new(),
+        let event = |draft: EventDraft| {
+            AuditEvent::unhashed(
+                draft,
+                1,
+                "2026-01-01T00:00:00Z".into(),
+                GENESIS_HASH.into(),
+                0,
+            )
         };
         // The worst bounded event fits the real limit untouched...
         let mut full = event(draft.clone());
