@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::dlp::{Action, Finding, FindingKind, Scanner};
+use crate::dlp::{Action, Finding, FindingKind, ScanOutcome, Scanner};
 use crate::gateway::OverCap;
 
 const OP_CLOSE: u8 = 0x8;
@@ -198,6 +198,12 @@ enum Verdict {
     Refuse(&'static str, String, u16),
 }
 
+impl Verdict {
+    fn is_forward(&self) -> bool {
+        matches!(self, Verdict::Forward)
+    }
+}
+
 fn judge(findings: &[Finding]) -> Verdict {
     let blocking: Vec<&Finding> = findings
         .iter()
@@ -314,7 +320,22 @@ where
                     }
                     std::mem::take(&mut message)
                 };
-                let findings = scanner.scan_for_host(&whole, host);
+                let findings = match scanner.scan_message(&whole, host) {
+                    ScanOutcome::Scanned(findings) => findings,
+                    ScanOutcome::TooLarge { findings, .. } => {
+                        let detail = format!(
+                            "the decoded views of a websocket message are over the {}-byte budget",
+                            cap.saturating_mul(crate::dlp::VIEW_BUDGET_FACTOR)
+                        );
+                        if over_cap == OverCap::Block && judge(&findings).is_forward() {
+                            return Some(("dlp-message-too-large", detail, MESSAGE_TOO_BIG));
+                        }
+                        outcome.unscanned =
+                            Some(format!("{detail}: only part of them was scanned"));
+                        findings
+                    }
+                    ScanOutcome::Undecodable { .. } => Vec::new(),
+                };
                 outcome.scanned += 1;
                 let verdict = judge(&findings);
                 outcome.findings.extend(findings);

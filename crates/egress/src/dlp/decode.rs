@@ -60,6 +60,7 @@ pub(crate) fn codings(content_encoding: Option<&str>) -> Result<Vec<String>, Str
 
 /// Undoes the codings of a `Content-Encoding` value (applied in the order listed, so
 /// undone in reverse).
+#[cfg(test)]
 pub(crate) fn decode<'a>(
     body: &'a [u8],
     content_encoding: Option<&str>,
