@@ -8,3 +8,4 @@ mod limits;
 mod mitm;
 mod proxy;
 mod support;
+mod views;
