@@ -24,8 +24,11 @@ pub(crate) const MAX_BASE64_DEPTH: usize = 3;
 const MIN_BASE64_RUN: usize = 24;
 
 /// A separator (`/`, a line break) this close to the start of a run may end a prefix that
-/// is not base64 (a URL path, a line of text): the run is also decoded from after it.
+/// is not base64 (a URL path, a line of text): the run is also decoded from after it, for
+/// at most [`RESTART_SPAN`] characters (enough for any key; a `/` inside real base64 then
+/// costs little).
 const RESTART_WINDOW: usize = 64;
+const RESTART_SPAN: usize = 1024;
 
 pub(crate) struct Views {
     pub(crate) buffers: Vec<Vec<u8>>,
@@ -295,10 +298,15 @@ fn multipart_boundary(content_type: &str) -> Option<String> {
 fn multipart_view(body: &[u8], boundary: &str) -> Vec<u8> {
     let delimiter = format!("--{boundary}");
     let finder = memchr::memmem::Finder::new(delimiter.as_bytes());
-    let starts: Vec<usize> = finder.find_iter(body).collect();
+    // The body's end closes the last part too: a lenient parser reads a part whose
+    // closing delimiter is missing.
+    let mut starts: Vec<usize> = finder.find_iter(body).collect();
+    starts.push(body.len());
     let mut out = Vec::new();
     for window in starts.windows(2) {
-        let part = &body[window[0] + delimiter.len()..window[1]];
+        let Some(part) = body.get(window[0] + delimiter.len()..window[1]) else {
+            continue;
+        };
         let Some((head, content)) = split_head(part) else {
             continue;
         };
@@ -463,7 +471,8 @@ fn base64_runs(bytes: &[u8], out: &mut Vec<u8>) {
             && end - restart >= MIN_BASE64_RUN
         {
             out.push(b'\n');
-            decode_sextets(bytes[restart..end].iter().copied(), out);
+            let stop = end.min(restart + RESTART_SPAN);
+            decode_sextets(bytes[restart..stop].iter().copied(), out);
         }
     }
 }
@@ -575,6 +584,32 @@ mod tests {
         assert!(contains(&view, &format!("aws_access_key_id = {KEY}")));
         assert!(contains(&view, &format!("k={KEY}!")));
         assert_eq!(multipart_boundary("text/plain; boundary=x"), None);
+        // No closing delimiter: the last part is still read.
+        let open = format!("--XyZ\r\nContent-Transfer-Encoding: base64\r\n\r\n{encoded}");
+        assert!(contains(
+            &all(open.as_bytes(), &["multipart/mixed; boundary=XyZ"]),
+            KEY
+        ));
+    }
+
+    #[test]
+    fn a_slash_inside_real_base64_costs_a_bounded_extra_decode() {
+        // 48 KiB of base64 with a `/` near its start.
+        let mut run = b"ab/".to_vec();
+        run.extend(
+            STANDARD
+                .encode([0xfbu8; 48 << 10])
+                .bytes()
+                .map(|b| if b == b'/' { b'x' } else { b }),
+        );
+        let mut out = Vec::new();
+        base64_runs(&run, &mut out);
+        let once = run.len() / 4 * 3;
+        assert!(
+            out.len() <= once + RESTART_SPAN,
+            "{} > {once} + {RESTART_SPAN}",
+            out.len()
+        );
     }
 
     #[test]
