@@ -613,30 +613,70 @@ pub(crate) mod tests {
 
     #[derive(Default)]
     struct Gate {
+        host: String,
         entered: bool,
         released: bool,
         timed_out: bool,
     }
 
-    static GATE: Mutex<Gate> = Mutex::new(Gate {
-        entered: false,
-        released: false,
-        timed_out: false,
-    });
+    /// Gates armed by tests, by host (tests run in parallel, each with its own host).
+    static GATES: Mutex<Vec<Gate>> = Mutex::new(Vec::new());
     static WAKE: Condvar = Condvar::new();
 
-    /// Called where the body scan runs. On an async worker of a one-thread runtime this
-    /// would hold up everything else for the full 10 s, and say so.
-    pub(super) fn scan_gate(host: &str) {
-        if host != GATED_HOST {
+    /// Called where a scan runs. A scan for an armed host waits there until the test
+    /// releases it; on an async worker of a one-thread runtime that would hold up
+    /// everything else for the full 10 s, and the gate says so.
+    pub(crate) fn scan_gate(host: &str) {
+        let mut gates = GATES.lock().expect("gates");
+        let Some(gate) = gates.iter_mut().find(|gate| gate.host == host) else {
             return;
-        }
-        let mut gate = GATE.lock().expect("gate");
+        };
         gate.entered = true;
-        let (mut gate, waited) = WAKE
-            .wait_timeout_while(gate, Duration::from_secs(10), |gate| !gate.released)
-            .expect("gate");
-        gate.timed_out = waited.timed_out();
+        let (mut gates, waited) = WAKE
+            .wait_timeout_while(gates, Duration::from_secs(10), |gates| {
+                gates.iter().any(|gate| gate.host == host && !gate.released)
+            })
+            .expect("gates");
+        if let Some(gate) = gates.iter_mut().find(|gate| gate.host == host) {
+            gate.timed_out = waited.timed_out();
+        }
+    }
+
+    pub(crate) fn arm_gate(host: &str) {
+        GATES.lock().expect("gates").push(Gate {
+            host: host.to_owned(),
+            ..Gate::default()
+        });
+    }
+
+    /// Whether a scan for `host` has reached the gate, and whether it gave up waiting.
+    pub(crate) fn gate_state(host: &str) -> (bool, bool) {
+        GATES
+            .lock()
+            .expect("gates")
+            .iter()
+            .find(|gate| gate.host == host)
+            .map_or((false, false), |gate| (gate.entered, gate.timed_out))
+    }
+
+    pub(crate) fn release_gate(host: &str) {
+        for gate in GATES.lock().expect("gates").iter_mut() {
+            if gate.host == host {
+                gate.released = true;
+            }
+        }
+        WAKE.notify_all();
+    }
+
+    /// Waits (without blocking the runtime) until a scan for `host` reaches its gate.
+    pub(crate) async fn wait_for_gate(host: &str) {
+        for _ in 0..1000 {
+            if gate_state(host).0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no scan for {host} reached its gate");
     }
 
     async fn origin() -> std::net::SocketAddr {
@@ -694,31 +734,22 @@ pub(crate) mod tests {
         let gateway = crate::start(config).await.expect("gateway starts");
         let proxy = format!("http://{}", gateway.tcp_addr().expect("tcp"));
 
+        arm_gate(GATED_HOST);
         let slow = tokio::spawn({
             let proxy = proxy.clone();
             async move { curl(&proxy, &["-d", "slow=1", &format!("http://{GATED_HOST}/")]).await }
         });
-        for _ in 0..1000 {
-            if GATE.lock().expect("gate").entered {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(
-            GATE.lock().expect("gate").entered,
-            "the gated scan never started"
-        );
+        wait_for_gate(GATED_HOST).await;
         // While that scan is held, a request with a body of its own goes through.
         let fast = curl(&proxy, &["-d", "fast=1", "http://fast.test/"]).await;
-        {
-            let mut gate = GATE.lock().expect("gate");
-            assert!(!gate.timed_out, "the scan held the runtime's only thread");
-            gate.released = true;
-        }
-        WAKE.notify_all();
+        assert!(
+            !gate_state(GATED_HOST).1,
+            "the scan held the runtime's only thread"
+        );
+        release_gate(GATED_HOST);
         assert_eq!(fast, "200");
         assert_eq!(slow.await.expect("slow request"), "200");
-        assert!(!GATE.lock().expect("gate").timed_out);
+        assert!(!gate_state(GATED_HOST).1);
         gateway.shutdown().await;
     }
 }
