@@ -343,6 +343,12 @@ impl Scanner {
             content_types,
             self.max_decoded.saturating_mul(VIEW_BUDGET_FACTOR),
         );
+        if std::env::var_os("VIEWS_DEBUG").is_some() {
+            eprintln!(
+                "views: {:?}",
+                views.buffers.iter().map(Vec::len).collect::<Vec<_>>()
+            );
+        }
         if views.buffers.is_empty() {
             return (findings, views.complete);
         }

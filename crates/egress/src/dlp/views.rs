@@ -157,18 +157,17 @@ fn hex_value(byte: u8) -> Option<u8> {
 /// controls and (some) `<>&` and non-ASCII, none of which a key is made of, so ordinary
 /// JSON does not trigger the view.
 fn hides_json(bytes: &[u8]) -> bool {
-    memchr::memchr_iter(b'\\', bytes).any(|at| match bytes.get(at + 1) {
-        Some(b'/') => true,
-        Some(b'u') => bytes
-            .get(at + 2..at + 6)
-            .and_then(|hex| {
-                hex.iter()
-                    .try_fold(0u32, |acc, &b| Some(acc << 4 | u32::from(hex_value(b)?)))
-            })
-            .and_then(|code| u8::try_from(code).ok())
-            .is_some_and(secretish),
-        _ => false,
-    })
+    memchr::memmem::find(bytes, br"\/").is_some()
+        || memchr::memmem::find_iter(bytes, br"\u").any(|at| {
+            bytes
+                .get(at + 2..at + 6)
+                .and_then(|hex| {
+                    hex.iter()
+                        .try_fold(0u32, |acc, &b| Some(acc << 4 | u32::from(hex_value(b)?)))
+                })
+                .and_then(|code| u8::try_from(code).ok())
+                .is_some_and(secretish)
+        })
 }
 
 /// `%XX` of a character a secret can hold, or of `\` (a JSON escape hidden in turn); `%20`
@@ -412,67 +411,115 @@ fn base64_lenient(bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Per byte: `IN` for both base64 alphabets (plus `UPPER` or `LOWER` for letters), `SOFT`
+/// for the line-break bytes a wrapped run may hold, 0 for the rest.
+const IN: u8 = 1;
+const UPPER: u8 = 2;
+const LOWER: u8 = 4;
+const SOFT: u8 = 8;
+const CLASS: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let b = byte as u8;
+        table[byte] = if b.is_ascii_uppercase() {
+            IN | UPPER
+        } else if b.is_ascii_lowercase() {
+            IN | LOWER
+        } else if b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'/' | b'_') {
+            IN
+        } else if matches!(b, b'\n' | b'\r') {
+            SOFT
+        } else {
+            0
+        };
+        byte += 1;
+    }
+    table
+};
+
+fn class(byte: u8) -> u8 {
+    CLASS[usize::from(byte)]
+}
+
 /// Appends to `out` the decoding of every run in `bytes` that looks like base64: at least
 /// [`MIN_BASE64_RUN`] characters of one alphabet, both letter cases present (hex digests,
 /// words and paths are not decoded), single line breaks inside a run skipped (wrapped
 /// base64). Decodings are separated by a line break.
+///
+/// Most text has no such run, so the search skips: a run long enough covers the byte
+/// `MIN_BASE64_RUN - 1` ahead, so when that byte can be in no run, nothing before it
+/// needs a look; when it can, only the stretch of run bytes around it is looked at.
 fn base64_runs(bytes: &[u8], out: &mut Vec<u8>) {
+    let n = bytes.len();
     let mut i = 0;
-    while i < bytes.len() {
-        if sextet(bytes[i]).is_none() {
+    while i + MIN_BASE64_RUN <= n {
+        let probe = i + MIN_BASE64_RUN - 1;
+        if class(bytes[probe]) == 0 {
+            i = probe + 1;
+            continue;
+        }
+        let mut from = probe;
+        while from > i && class(bytes[from - 1]) != 0 {
+            from -= 1;
+        }
+        let mut to = probe + 1;
+        while to < n && class(bytes[to]) != 0 {
+            to += 1;
+        }
+        if to - from >= MIN_BASE64_RUN {
+            exact_runs(bytes, from, to, out);
+        }
+        i = to + 1;
+    }
+}
+
+/// The runs in `bytes[from..to]`, a stretch of alphabet and line-break bytes.
+fn exact_runs(bytes: &[u8], from: usize, to: usize, out: &mut Vec<u8>) {
+    let mut i = from;
+    while i < to {
+        if class(bytes[i]) & IN == 0 {
             i += 1;
             continue;
         }
         let start = i;
         let mut count = 0usize;
-        let (mut upper, mut lower) = (false, false);
-        // The first restart point after the run's start: a separator near the start.
-        let mut restart: Option<usize> = None;
-        while i < bytes.len() {
-            let byte = bytes[i];
-            if sextet(byte).is_some() {
-                upper |= byte.is_ascii_uppercase();
-                lower |= byte.is_ascii_lowercase();
-                if byte == b'/' && i - start < RESTART_WINDOW {
-                    restart = Some(i + 1);
-                }
-                count += 1;
+        let mut seen = 0u8;
+        loop {
+            let segment = i;
+            while i < to && class(bytes[i]) & IN != 0 {
+                seen |= class(bytes[i]);
                 i += 1;
-                continue;
             }
+            count += i - segment;
             // One line break (LF or CRLF) inside a run: wrapped base64 continues.
-            let after = match (byte, bytes.get(i + 1)) {
-                (b'\n', _) => i + 1,
-                (b'\r', Some(b'\n')) => i + 2,
+            let after = match (bytes.get(i), bytes.get(i + 1)) {
+                (Some(b'\n'), _) => i + 1,
+                (Some(b'\r'), Some(b'\n')) => i + 2,
                 _ => break,
             };
-            if bytes.get(after).copied().and_then(sextet).is_none() {
+            if after >= to || class(bytes[after]) & IN == 0 {
                 break;
-            }
-            if i - start < RESTART_WINDOW {
-                restart = Some(after);
             }
             i = after;
         }
         let end = i;
-        // Padding ends a run.
-        while i < bytes.len() && bytes[i] == b'=' {
-            i += 1;
-        }
-        if count < MIN_BASE64_RUN || !(upper && lower) {
+        if count < MIN_BASE64_RUN || seen & (UPPER | LOWER) != UPPER | LOWER {
             continue;
         }
-        let run = &bytes[start..end];
         if !out.is_empty() {
             out.push(b'\n');
         }
-        decode_sextets(run.iter().copied(), out);
-        if let Some(restart) = restart
-            && end - restart >= MIN_BASE64_RUN
-        {
-            out.push(b'\n');
-            let stop = end.min(restart + RESTART_SPAN);
-            decode_sextets(bytes[restart..stop].iter().copied(), out);
+        decode_sextets(bytes[start..end].iter().copied(), out);
+        // The last separator near the start may end a prefix that is not base64.
+        let window = &bytes[start..end.min(start + RESTART_WINDOW)];
+        if let Some(at) = window.iter().rposition(|&b| matches!(b, b'/' | b'\n')) {
+            let restart = start + at + 1;
+            if end - restart >= MIN_BASE64_RUN {
+                out.push(b'\n');
+                let stop = end.min(restart + RESTART_SPAN);
+                decode_sextets(bytes[restart..stop].iter().copied(), out);
+            }
         }
     }
 }
@@ -610,6 +657,35 @@ mod tests {
             "{} > {once} + {RESTART_SPAN}",
             out.len()
         );
+    }
+
+    #[test]
+    fn the_skipping_search_finds_what_a_byte_by_byte_one_does() {
+        let pieces: [&[u8]; 9] = [
+            b"QUtJQVo3UTNY",
+            b"aGVsbG8gd29y",
+            b"abc",
+            b" ",
+            b"\n",
+            b"\r\n",
+            b"/",
+            b"==",
+            b"\"",
+        ];
+        let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..2000 {
+            let mut text = Vec::new();
+            for _ in 0..(state % 40) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                text.extend_from_slice(pieces[(state % 9) as usize]);
+            }
+            let (mut fast, mut slow) = (Vec::new(), Vec::new());
+            base64_runs(&text, &mut fast);
+            exact_runs(&text, 0, text.len(), &mut slow);
+            assert_eq!(fast, slow, "{:?}", String::from_utf8_lossy(&text));
+        }
     }
 
     #[test]
