@@ -13,6 +13,7 @@ use hyper::body::{Body, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::audit::{AuditDecision, DlpRecord};
 use crate::body::{Metered, Prefixed};
@@ -37,24 +38,88 @@ pub(crate) enum Route<'a> {
 }
 
 enum Collected {
-    Whole(Bytes),
-    Over(Bytes, Incoming),
+    Whole(Bytes, OwnedSemaphorePermit),
+    Over(Bytes, Incoming, OwnedSemaphorePermit),
+    /// The gateway's body memory budget ran out (how many bytes were buffered then).
+    OverBudget(usize),
 }
 
-async fn collect_capped(mut body: Incoming, cap: usize) -> Result<Collected, String> {
+/// Buffers a request body up to the scan cap, taking a share of the gateway's body memory
+/// budget for every byte it holds. It never waits for memory: a body that does not fit
+/// now is refused, so a bottle cannot park the gateway on its own bodies.
+async fn collect_capped(
+    mut body: Incoming,
+    cap: usize,
+    budget: &Arc<Semaphore>,
+) -> Result<Collected, String> {
     let mut buf = BytesMut::new();
+    let mut held = Arc::clone(budget)
+        .try_acquire_many_owned(0)
+        .map_err(|_| "the body memory budget is closed".to_owned())?;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| e.to_string())?;
         // Request trailers are dropped: nothing the gateway forwards relies on them, and
         // they would be one more unscanned channel.
         if let Ok(data) = frame.into_data() {
+            let more = u32::try_from(data.len())
+                .ok()
+                .and_then(|n| Arc::clone(budget).try_acquire_many_owned(n).ok());
+            match more {
+                Some(permit) => held.merge(permit),
+                None => return Ok(Collected::OverBudget(buf.len() + data.len())),
+            }
             buf.extend_from_slice(&data);
             if buf.len() > cap {
-                return Ok(Collected::Over(buf.freeze(), body));
+                return Ok(Collected::Over(buf.freeze(), body, held));
             }
         }
     }
-    Ok(Collected::Whole(buf.freeze()))
+    Ok(Collected::Whole(buf.freeze(), held))
+}
+
+/// Every value of a header, joined with `,` as RFC 9110 says lists may be; a value that is
+/// not text stays in (lossily), so it cannot pass as empty.
+fn joined(headers: &hyper::HeaderMap, name: header::HeaderName) -> Option<String> {
+    let values: Vec<String> = headers
+        .get_all(name)
+        .iter()
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+        .collect();
+    (!values.is_empty()).then(|| values.join(","))
+}
+
+/// Decodes and scans a request body on the blocking pool, so a slow scan never stalls the
+/// async workers (and the other connections on them). At most `scan_slots` run at once.
+async fn scan_off_workers(
+    shared: &Arc<Shared>,
+    body: Bytes,
+    encoding: Option<String>,
+    content_types: Vec<String>,
+    host: String,
+    prefix_only: bool,
+) -> ScanOutcome {
+    let slot = Arc::clone(&shared.scan_slots).acquire_owned().await;
+    let shared = Arc::clone(shared);
+    let scan = tokio::task::spawn_blocking(move || {
+        // Held until the scan ends, even when the request is dropped meanwhile.
+        let _slot = slot;
+        #[cfg(test)]
+        tests::scan_gate(&host);
+        let types: Vec<&str> = content_types.iter().map(String::as_str).collect();
+        shared.scanner.scan_request_body(
+            &body,
+            encoding.as_deref(),
+            &types,
+            Some(&host),
+            prefix_only,
+        )
+    });
+    match scan.await {
+        Ok(outcome) => outcome,
+        Err(error) => ScanOutcome::Undecodable {
+            reason: format!("the body scan failed: {error}"),
+        },
+    }
 }
 
 fn is_websocket(headers: &hyper::HeaderMap) -> bool {
@@ -149,12 +214,19 @@ pub(crate) async fn process(
     let body: ProxyBody = if body.is_end_stream() {
         full_body(Bytes::new())
     } else {
-        let encoding = parts
+        // Every `Content-Encoding` line counts: the origin undoes them all.
+        let encoding = joined(&parts.headers, header::CONTENT_ENCODING);
+        let content_types: Vec<String> = parts
             .headers
-            .get(header::CONTENT_ENCODING)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        match tokio::time::timeout(shared.limits.body_read_timeout, collect_capped(body, cap)).await
+            .get_all(header::CONTENT_TYPE)
+            .iter()
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+            .collect();
+        match tokio::time::timeout(
+            shared.limits.body_read_timeout,
+            collect_capped(body, cap, &shared.body_memory),
+        )
+        .await
         {
             Err(_) => {
                 draft.decision = AuditDecision::Block;
@@ -179,19 +251,45 @@ pub(crate) async fn process(
                     "the request body could not be read",
                 );
             }
-            Ok(Ok(Collected::Whole(bytes))) => {
-                match scanner.scan_body(&bytes, encoding.as_deref(), Some(&target.host)) {
+            Ok(Ok(Collected::OverBudget(buffered))) => {
+                let detail = format!(
+                    "request bodies buffered by this bottle's gateway reached the {}-byte memory budget ({buffered} bytes of this one)",
+                    shared.limits.body_memory_budget
+                );
+                draft.decision = AuditDecision::Block;
+                draft.reason = "body-memory-budget".into();
+                draft.status = Some(503);
+                draft.detail = Some(detail.clone());
+                draft.duration_ms = elapsed_ms(started);
+                shared.record(draft);
+                let mut response = block_response("body-memory-budget", &detail);
+                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                return response;
+            }
+            Ok(Ok(Collected::Whole(bytes, memory))) => {
+                match scan_off_workers(
+                    &shared,
+                    bytes.clone(),
+                    encoding,
+                    content_types,
+                    target.host.clone(),
+                    false,
+                )
+                .await
+                {
                     ScanOutcome::Scanned(found) => note(found, None),
                     ScanOutcome::TooLarge { findings, .. } => {
                         note(findings, None);
                         if shared.over_cap == OverCap::Block {
                             body_problem = Some((
                                 "dlp-body-too-large",
-                                format!("decoded body is over the {cap}-byte scan cap"),
+                                format!(
+                                    "decoded body (or its decoded views) is over the {cap}-byte scan cap"
+                                ),
                             ));
                         } else {
                             draft.detail = Some(format!(
-                                "decoded body over the {cap}-byte scan cap: only its start was scanned"
+                                "decoded body (or its decoded views) over the {cap}-byte scan cap: only its start was scanned"
                             ));
                         }
                     }
@@ -200,9 +298,11 @@ pub(crate) async fn process(
                     }
                 }
                 up.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                full_body(bytes)
+                // The budget share goes back once the body has been handed on (or dropped).
+                let counted = Arc::new(AtomicU64::new(0));
+                Metered::new(full_body(bytes), counted, move || drop(memory)).boxed_unsync()
             }
-            Ok(Ok(Collected::Over(prefix, rest))) => {
+            Ok(Ok(Collected::Over(prefix, rest, memory))) => {
                 if shared.over_cap == OverCap::Block {
                     body_problem = Some((
                         "dlp-body-too-large",
@@ -212,16 +312,34 @@ pub(crate) async fn process(
                     draft.detail = Some(format!(
                         "body over the {cap}-byte scan cap: only its start was scanned, the rest passed unscanned"
                     ));
-                    if let ScanOutcome::Scanned(found)
-                    | ScanOutcome::TooLarge {
-                        findings: found, ..
-                    } = scanner.scan_body(&prefix, encoding.as_deref(), Some(&target.host))
+                    match scan_off_workers(
+                        &shared,
+                        prefix.clone(),
+                        encoding,
+                        content_types,
+                        target.host.clone(),
+                        true,
+                    )
+                    .await
                     {
-                        note(found, None);
+                        ScanOutcome::Scanned(found)
+                        | ScanOutcome::TooLarge {
+                            findings: found, ..
+                        } => note(found, None),
+                        // A start that does not decode would let the whole body out unread.
+                        ScanOutcome::Undecodable { reason } => {
+                            body_problem = Some(("dlp-undecodable-body", reason));
+                        }
                     }
                 }
-                // The meter counts the prefix too, as it is sent.
-                Metered::counting(Prefixed::new(prefix, rest), up.clone()).boxed_unsync()
+                // The meter counts the prefix too, as it is sent; the budget share goes
+                // back when the body ends or is dropped.
+                Metered::new(
+                    Metered::counting(Prefixed::new(prefix, rest), up.clone()),
+                    Arc::new(AtomicU64::new(0)),
+                    move || drop(memory),
+                )
+                .boxed_unsync()
             }
         }
     };
@@ -443,7 +561,12 @@ pub(crate) async fn process(
     strip_hop_by_hop(&mut parts.headers);
     let mut response_body: ProxyBody = body.map_err(crate::gateway::BoxError::from).boxed_unsync();
     if !injected.is_empty() {
-        let encoding = content_encoding(&parts.headers);
+        // Every line counts: `identity` on one must not hide `gzip` on the next.
+        let encoding = joined(&parts.headers, header::CONTENT_ENCODING).filter(|codings| {
+            codings
+                .split(',')
+                .any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"))
+        });
         if encoding.is_some() {
             // The gateway asked for `identity`; an origin that compresses anyway is
             // decoded here so the scrubber can read what the bottle would.
@@ -517,28 +640,11 @@ async fn send_plain(
         .map_err(|e| SendError::Upstream(e.to_string()))
 }
 
-/// The response's content codings, every `Content-Encoding` header joined, `identity`
-/// left out; `None` when there is nothing to undo.
-fn content_encoding(headers: &hyper::HeaderMap) -> Option<String> {
-    let codings: Vec<String> = headers
-        .get_all(header::CONTENT_ENCODING)
-        .iter()
-        .flat_map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .split(',')
-                .map(|c| c.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
-        .filter(|c| !c.is_empty() && c != "identity")
-        .collect();
-    (!codings.is_empty()).then(|| codings.join(", "))
-}
-
 /// Reads a compressed response whole (at most the scan cap, within the body timeout) and
 /// undoes its codings off the async workers. Anything that cannot be read back in full
 /// is an error: a body the scrubber cannot read does not reach the bottle.
 async fn decode_response(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     body: ProxyBody,
     encoding: String,
 ) -> Result<Bytes, String> {
@@ -564,8 +670,10 @@ async fn decode_response(
         .map_err(|_| {
             "the compressed response did not arrive in time to be scrubbed".to_string()
         })??;
+    let slot = Arc::clone(&shared.scan_slots).acquire_owned().await;
     let decoded = tokio::task::spawn_blocking(move || {
-        match crate::dlp::decode::decode(&raw, Some(&encoding), cap) {
+        let _slot = slot;
+        match crate::dlp::decode::decode_with(&raw, Some(&encoding), cap, false) {
             crate::dlp::decode::Decoded::Complete(bytes) => Ok(Bytes::from(bytes.into_owned())),
             crate::dlp::decode::Decoded::Truncated(_) => Err(format!(
                 "the `{encoding}` response decodes to more than the {cap}-byte cap, so it cannot be scrubbed"
@@ -578,4 +686,162 @@ async fn decode_response(
     .await
     .map_err(|e| format!("decoding failed: {e}"))??;
     Ok(decoded)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::convert::Infallible;
+    use std::sync::{Condvar, Mutex};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::rt::TokioIo;
+
+    use crate::gateway::{GatewayConfig, Listen};
+
+    /// Bodies bound for this host wait in their scan until the test lets them go.
+    const GATED_HOST: &str = "gated-scan.test";
+
+    #[derive(Default)]
+    struct Gate {
+        host: String,
+        entered: bool,
+        released: bool,
+        timed_out: bool,
+    }
+
+    /// Gates armed by tests, by host (tests run in parallel, each with its own host).
+    static GATES: Mutex<Vec<Gate>> = Mutex::new(Vec::new());
+    static WAKE: Condvar = Condvar::new();
+
+    /// Called where a scan runs. A scan for an armed host waits there until the test
+    /// releases it; on an async worker of a one-thread runtime that would hold up
+    /// everything else for the full 10 s, and the gate says so.
+    pub(crate) fn scan_gate(host: &str) {
+        let mut gates = GATES.lock().expect("gates");
+        let Some(gate) = gates.iter_mut().find(|gate| gate.host == host) else {
+            return;
+        };
+        gate.entered = true;
+        let (mut gates, waited) = WAKE
+            .wait_timeout_while(gates, Duration::from_secs(10), |gates| {
+                gates.iter().any(|gate| gate.host == host && !gate.released)
+            })
+            .expect("gates");
+        if let Some(gate) = gates.iter_mut().find(|gate| gate.host == host) {
+            gate.timed_out = waited.timed_out();
+        }
+    }
+
+    pub(crate) fn arm_gate(host: &str) {
+        GATES.lock().expect("gates").push(Gate {
+            host: host.to_owned(),
+            ..Gate::default()
+        });
+    }
+
+    /// Whether a scan for `host` has reached the gate, and whether it gave up waiting.
+    pub(crate) fn gate_state(host: &str) -> (bool, bool) {
+        GATES
+            .lock()
+            .expect("gates")
+            .iter()
+            .find(|gate| gate.host == host)
+            .map_or((false, false), |gate| (gate.entered, gate.timed_out))
+    }
+
+    pub(crate) fn release_gate(host: &str) {
+        for gate in GATES.lock().expect("gates").iter_mut() {
+            if gate.host == host {
+                gate.released = true;
+            }
+        }
+        WAKE.notify_all();
+    }
+
+    /// Waits (without blocking the runtime) until a scan for `host` reaches its gate.
+    pub(crate) async fn wait_for_gate(host: &str) {
+        for _ in 0..1000 {
+            if gate_state(host).0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no scan for {host} reached its gate");
+    }
+
+    async fn origin() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind origin");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from("ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn curl(proxy: &str, args: &[&str]) -> String {
+        let output = tokio::process::Command::new("curl")
+            .args(["-sS", "--max-time", "30", "--noproxy", "", "-x", proxy])
+            .args(["-o", "/dev/null", "-w", "%{http_code}"])
+            .args(args)
+            .output()
+            .await
+            .expect("curl runs");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// `#[tokio::test]` runs on one thread: the gateway, the origin and this test share it.
+    #[tokio::test]
+    async fn a_body_scan_does_not_stall_the_other_connections() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let origin = origin().await;
+        let policy = serde_saphyr::from_str(&format!(
+            "rules:\n  - host: {GATED_HOST}\n  - host: fast.test\n"
+        ))
+        .expect("policy");
+        let mut config = GatewayConfig::new(
+            Listen::Tcp("127.0.0.1:0".parse().expect("addr")),
+            policy,
+            dir.path().join("egress.jsonl"),
+        );
+        config.loopback_only = true;
+        config.upstream_overrides = [
+            (GATED_HOST.to_owned(), origin),
+            ("fast.test".to_owned(), origin),
+        ]
+        .into_iter()
+        .collect();
+        let gateway = crate::start(config).await.expect("gateway starts");
+        let proxy = format!("http://{}", gateway.tcp_addr().expect("tcp"));
+
+        arm_gate(GATED_HOST);
+        let slow = tokio::spawn({
+            let proxy = proxy.clone();
+            async move { curl(&proxy, &["-d", "slow=1", &format!("http://{GATED_HOST}/")]).await }
+        });
+        wait_for_gate(GATED_HOST).await;
+        // While that scan is held, a request with a body of its own goes through.
+        let fast = curl(&proxy, &["-d", "fast=1", "http://fast.test/"]).await;
+        assert!(
+            !gate_state(GATED_HOST).1,
+            "the scan held the runtime's only thread"
+        );
+        release_gate(GATED_HOST);
+        assert_eq!(fast, "200");
+        assert_eq!(slow.await.expect("slow request"), "200");
+        assert!(!gate_state(GATED_HOST).1);
+        gateway.shutdown().await;
+    }
 }

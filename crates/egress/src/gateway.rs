@@ -46,7 +46,17 @@ pub struct Limits {
     pub body_read_timeout: Duration,
     /// Open client connections at most; past it new clients are dropped at once.
     pub max_connections: usize,
+    /// Bytes of request bodies buffered for scanning at once, across all of the
+    /// gateway's connections and HTTP/2 streams (one gateway serves one bottle).
+    /// A body that would take it past this gets a 503 (`body-memory-budget`) and an audit
+    /// line; a body's share is returned when it has been forwarded or dropped.
+    /// Default 64 MiB.
+    pub body_memory_budget: usize,
 }
+
+/// The default [`Limits::body_memory_budget`]: 64 MiB, eight bodies at the default scan
+/// cap.
+pub const DEFAULT_BODY_MEMORY_BUDGET: usize = 64 << 20;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -55,6 +65,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(15),
             body_read_timeout: Duration::from_secs(120),
             max_connections: 1024,
+            body_memory_budget: DEFAULT_BODY_MEMORY_BUDGET,
         }
     }
 }
@@ -179,6 +190,12 @@ pub(crate) struct Shared {
     pub(crate) over_cap: OverCap,
     connections: Arc<tokio::sync::Semaphore>,
     pub(crate) limits: Limits,
+    /// One permit per byte of [`Limits::body_memory_budget`].
+    pub(crate) body_memory: Arc<tokio::sync::Semaphore>,
+    /// Body scans running at once (each may hold the decoded body and its views, up to
+    /// three times the scan cap), one per core: off the async workers, the blocking pool
+    /// would otherwise run hundreds.
+    pub(crate) scan_slots: Arc<tokio::sync::Semaphore>,
     /// hyper's header-read and keep-alive deadlines (see [`crate::timer`]).
     pub(crate) timer: crate::timer::CoarseTimer,
     audit_failed: std::sync::atomic::AtomicBool,
@@ -351,6 +368,15 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         scanner,
         over_cap: config.dlp_over_cap,
         connections: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
+        body_memory: Arc::new(tokio::sync::Semaphore::new(
+            config
+                .limits
+                .body_memory_budget
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        )),
+        scan_slots: Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+        )),
         limits: config.limits,
         timer: crate::timer::CoarseTimer::default(),
         audit_failed: std::sync::atomic::AtomicBool::new(false),

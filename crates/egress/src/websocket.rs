@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::dlp::{Action, Finding, FindingKind, Scanner};
+use crate::dlp::{Action, Finding, FindingKind, ScanOutcome, Scanner};
 use crate::gateway::OverCap;
 
 const OP_CLOSE: u8 = 0x8;
@@ -198,6 +198,12 @@ enum Verdict {
     Refuse(&'static str, String, u16),
 }
 
+impl Verdict {
+    fn is_forward(&self) -> bool {
+        matches!(self, Verdict::Forward)
+    }
+}
+
 fn judge(findings: &[Finding]) -> Verdict {
     let blocking: Vec<&Finding> = findings
         .iter()
@@ -226,6 +232,24 @@ fn judge(findings: &[Finding]) -> Verdict {
             format!("secret detected in a websocket message: {}", ids.join(", ")),
             POLICY_VIOLATION,
         )
+    }
+}
+
+/// Scans a message; on a multi-threaded runtime (the product's) the worker hands its other
+/// tasks to the rest of the pool first, so a large message does not stall other
+/// connections. A one-thread runtime has nowhere to hand them, so the scan runs in place.
+fn scan_off_worker(scanner: &Scanner, message: &[u8], host: &str) -> ScanOutcome {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let scan = || {
+        #[cfg(test)]
+        crate::forward::tests::scan_gate(host);
+        scanner.scan_message(message, host)
+    };
+    if multi_thread {
+        tokio::task::block_in_place(scan)
+    } else {
+        scan()
     }
 }
 
@@ -314,7 +338,22 @@ where
                     }
                     std::mem::take(&mut message)
                 };
-                let findings = scanner.scan_for_host(&whole, host);
+                let findings = match scan_off_worker(scanner, &whole, host) {
+                    ScanOutcome::Scanned(findings) => findings,
+                    ScanOutcome::TooLarge { findings, .. } => {
+                        let detail = format!(
+                            "the decoded views of a websocket message are over the {}-byte budget",
+                            cap.saturating_mul(crate::dlp::VIEW_BUDGET_FACTOR)
+                        );
+                        if over_cap == OverCap::Block && judge(&findings).is_forward() {
+                            return Some(("dlp-message-too-large", detail, MESSAGE_TOO_BIG));
+                        }
+                        outcome.unscanned =
+                            Some(format!("{detail}: only part of them was scanned"));
+                        findings
+                    }
+                    ScanOutcome::Undecodable { .. } => Vec::new(),
+                };
                 outcome.scanned += 1;
                 let verdict = judge(&findings);
                 outcome.findings.extend(findings);
@@ -422,6 +461,46 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One worker: if the scan held it, the task spawned below could not run until the
+    /// gate gave up after 10 s.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_message_scan_does_not_stall_the_worker() {
+        use crate::forward::tests::{arm_gate, gate_state, release_gate, wait_for_gate};
+        const HOST: &str = "gated-ws.test";
+        arm_gate(HOST);
+        let (client, mut bottle) = tokio::io::duplex(1 << 16);
+        let (upstream, mut origin) = tokio::io::duplex(1 << 16);
+        let relay = tokio::spawn(async move {
+            let scanner = Scanner::new(crate::dlp::DlpRules::builtin(), Vec::new());
+            relay(
+                client,
+                upstream,
+                &scanner,
+                HOST,
+                Vec::new(),
+                OverCap::Block,
+                std::time::Duration::from_secs(1),
+            )
+            .await
+        });
+        bottle
+            .write_all(&client_frame(true, 0x1, b"hello"))
+            .await
+            .expect("write");
+        wait_for_gate(HOST).await;
+        let other = tokio::spawn(async { 42 }).await.expect("other task");
+        assert_eq!(other, 42);
+        assert!(!gate_state(HOST).1, "the scan held the only worker");
+        release_gate(HOST);
+        let mut forwarded = vec![0u8; client_frame(true, 0x1, b"hello").len()];
+        origin.read_exact(&mut forwarded).await.expect("forwarded");
+        drop(bottle);
+        drop(origin);
+        let outcome = relay.await.expect("relay");
+        assert_eq!(outcome.scanned, 1);
+        assert!(!gate_state(HOST).1);
+    }
 
     /// A client frame: masked, as RFC 6455 requires of clients.
     pub(crate) fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {

@@ -32,14 +32,15 @@ mod custody;
 pub(crate) mod decode;
 mod gitleaks;
 mod scanner;
+mod views;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 pub use custody::{CustodySecret, EncodedForm, PlaceholderSecret};
-pub use decode::DEFAULT_MAX_DECODED;
-pub use scanner::Scanner;
+pub use decode::{DEFAULT_MAX_DECODED, MAX_CODINGS};
+pub use scanner::{Scanner, VIEW_BUDGET_FACTOR};
 
 /// The rule file this project ships; see [`DlpRules::builtin`].
 const BUILTIN_RULES: &str = include_str!("default-rules.toml");

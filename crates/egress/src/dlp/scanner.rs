@@ -7,11 +7,16 @@ use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 use regex_automata::{Anchored, Input};
 
 use super::custody::{encoded_forms, host_matches};
-use super::decode::{DEFAULT_MAX_DECODED, Decoded, decode};
+use super::decode::{DEFAULT_MAX_DECODED, Decoded, decode_with};
+use super::views::views;
 use super::{
     Action, Allowlist, Condition, CustodySecret, DlpRules, EncodedForm, Finding, FindingKind,
     Location, PlaceholderSecret, RegexTarget, ScanOutcome, SplitRegex, redact,
 };
+
+/// All views of one body (see [`Scanner::scan_request_body`]) together hold at most this many times the
+/// scan cap.
+pub const VIEW_BUDGET_FACTOR: usize = 2;
 
 /// The rule id of a finding for a custody secret's real value.
 pub const CUSTODY_RULE_ID: &str = "custody-secret";
@@ -245,10 +250,27 @@ impl Scanner {
         self.scan_buffer(bytes, None, &Location::Body)
     }
 
-    /// Scans a buffer bound for `host`.
+    /// Scans a buffer bound for `host`: its bytes, and its views (JSON escapes and
+    /// percent-encoding undone, base64 runs decoded; see [`Scanner::scan_request_body`]).
+    /// Views past the budget are not scanned; use [`Scanner::scan_message`] to learn
+    /// whether they all were.
     #[must_use]
     pub fn scan_for_host(&self, bytes: &[u8], host: &str) -> Vec<Finding> {
-        self.scan_buffer(bytes, Some(host), &Location::Body)
+        self.scan_with_views(bytes, &[], Some(host)).0
+    }
+
+    /// [`Scanner::scan_for_host`] for a whole message (a websocket message): when its
+    /// views do not all fit in the budget, [`ScanOutcome::TooLarge`] with the findings
+    /// of what was scanned.
+    #[must_use]
+    pub fn scan_message(&self, bytes: &[u8], host: &str) -> ScanOutcome {
+        match self.scan_with_views(bytes, &[], Some(host)) {
+            (findings, true) => ScanOutcome::Scanned(findings),
+            (findings, false) => ScanOutcome::TooLarge {
+                limit: self.max_decoded,
+                findings,
+            },
+        }
     }
 
     /// Decodes a whole body per its `Content-Encoding` (gzip, deflate, br, zstd, stacked in
@@ -264,16 +286,97 @@ impl Scanner {
         content_encoding: Option<&str>,
         host: Option<&str>,
     ) -> ScanOutcome {
-        match decode(body, content_encoding, self.max_decoded) {
-            Decoded::Complete(bytes) => {
-                ScanOutcome::Scanned(self.scan_buffer(&bytes, host, &Location::Body))
-            }
-            Decoded::Truncated(prefix) => ScanOutcome::TooLarge {
+        self.scan_request_body(body, content_encoding, &[], host, false)
+    }
+
+    /// What the origin will read: undoes every coding of `content_encoding` (all of a
+    /// request's `Content-Encoding` lines joined with `,`; at most
+    /// [`super::MAX_CODINGS`] besides `identity`, each one the gateway can
+    /// decode, or the body is [`ScanOutcome::Undecodable`]), then scans the decoded bytes
+    /// and their views: JSON string escapes undone, percent-encoding undone, the
+    /// `base64` and `quoted-printable` parts of a multipart body (its boundary from
+    /// `content_types`, the request's `Content-Type` values), and base64 runs decoded up
+    /// to three levels deep. The views together hold at most [`VIEW_BUDGET_FACTOR`] times
+    /// the cap; past that the outcome is [`ScanOutcome::TooLarge`].
+    ///
+    /// With `prefix_only`, `body` is only the start of a longer body: decoders may stop
+    /// where it was cut, but a start that does not decode is still
+    /// [`ScanOutcome::Undecodable`], and the outcome is at best `TooLarge`.
+    #[must_use]
+    pub fn scan_request_body(
+        &self,
+        body: &[u8],
+        content_encoding: Option<&str>,
+        content_types: &[&str],
+        host: Option<&str>,
+        prefix_only: bool,
+    ) -> ScanOutcome {
+        let (decoded, whole) =
+            match decode_with(body, content_encoding, self.max_decoded, prefix_only) {
+                Decoded::Complete(bytes) => (bytes, true),
+                Decoded::Truncated(prefix) => (prefix, false),
+                Decoded::Failed(reason) => return ScanOutcome::Undecodable { reason },
+            };
+        let (findings, views_fit) = self.scan_with_views(&decoded, content_types, host);
+        if whole && views_fit {
+            ScanOutcome::Scanned(findings)
+        } else {
+            ScanOutcome::TooLarge {
                 limit: self.max_decoded,
-                findings: self.scan_buffer(&prefix, host, &Location::Body),
-            },
-            Decoded::Failed(reason) => ScanOutcome::Undecodable { reason },
+                findings,
+            }
         }
+    }
+
+    /// Scans `bytes` and each of its views; a finding a view repeats (a rule matching the
+    /// same bytes, a custody secret or placeholder of the same credential) is reported
+    /// once. The flag says every view fit.
+    fn scan_with_views(
+        &self,
+        bytes: &[u8],
+        content_types: &[&str],
+        host: Option<&str>,
+    ) -> (Vec<Finding>, bool) {
+        let mut findings = self.scan_buffer(bytes, host, &Location::Body);
+        let views = views(
+            bytes,
+            content_types,
+            self.max_decoded.saturating_mul(VIEW_BUDGET_FACTOR),
+        );
+        if std::env::var_os("VIEWS_DEBUG").is_some() {
+            eprintln!(
+                "views: {:?}",
+                views.buffers.iter().map(Vec::len).collect::<Vec<_>>()
+            );
+        }
+        if views.buffers.is_empty() {
+            return (findings, views.complete);
+        }
+        // A custody secret or placeholder is one leak whatever its form (base64 in the
+        // bytes is raw in the base64 view); a rule match is the same one if its bytes are.
+        let key = |finding: &Finding, buffer: &[u8]| match &finding.kind {
+            FindingKind::Rule => (
+                finding.rule_id.clone(),
+                String::new(),
+                buffer
+                    .get(finding.offset..finding.offset + finding.len)
+                    .map(<[u8]>::to_vec),
+            ),
+            FindingKind::CustodySecret { credential, .. }
+            | FindingKind::Placeholder { credential, .. } => {
+                (finding.rule_id.clone(), credential.clone(), None)
+            }
+        };
+        let mut seen: std::collections::HashSet<_> =
+            findings.iter().map(|finding| key(finding, bytes)).collect();
+        for view in &views.buffers {
+            for finding in self.scan_buffer(view, host, &Location::Body) {
+                if seen.insert(key(&finding, view)) {
+                    findings.push(finding);
+                }
+            }
+        }
+        (findings, views.complete)
     }
 
     /// Scans header values (header names are scanned too, as the `name: value` line the
@@ -1159,6 +1262,92 @@ mod tests {
             Scanner::new(defaulted, Vec::new()).scan(body)[0].action,
             Action::Log
         );
+    }
+
+    fn aws_ids(outcome: &ScanOutcome) -> Vec<&str> {
+        ids(outcome.findings())
+            .into_iter()
+            .filter(|id| *id == "aws-access-key-id")
+            .collect()
+    }
+
+    #[test]
+    fn a_key_in_each_view_is_found_once() {
+        let scanner = Scanner::new(DlpRules::builtin(), Vec::new());
+        let escaped = format!("{{\"k\":\"\\u0041{}\"}}", &AWS_KEY[1..]);
+        let percent = format!("a=AKIA%{:02X}{}", AWS_KEY.as_bytes()[4], &AWS_KEY[5..]);
+        let nested = STANDARD.encode(STANDARD.encode(format!("id {AWS_KEY}")));
+        let multipart = format!(
+            "--b\r\nContent-Transfer-Encoding: base64\r\n\r\n{}\r\n--b--\r\n",
+            STANDARD.encode(format!("id={AWS_KEY}"))
+        );
+        for (body, content_types) in [
+            (escaped.as_str(), &[][..]),
+            (percent.as_str(), &[]),
+            (nested.as_str(), &[]),
+            (multipart.as_str(), &["multipart/mixed; boundary=b"]),
+        ] {
+            // The bytes alone hide it.
+            assert_eq!(
+                aws_ids(&ScanOutcome::Scanned(scanner.scan(body.as_bytes()))),
+                Vec::<&str>::new()
+            );
+            let outcome =
+                scanner.scan_request_body(body.as_bytes(), None, content_types, None, false);
+            assert!(matches!(outcome, ScanOutcome::Scanned(_)), "{outcome:?}");
+            assert_eq!(aws_ids(&outcome), vec!["aws-access-key-id"], "{body}");
+        }
+        // Plain and escaped copies of one key: one finding, not two.
+        let both = format!("{AWS_KEY} \\u0041{}", &AWS_KEY[1..]);
+        assert_eq!(
+            aws_ids(&scanner.scan_body(both.as_bytes(), None, None)),
+            vec!["aws-access-key-id"]
+        );
+    }
+
+    #[test]
+    fn a_placeholder_in_a_view_is_an_exfiltration_attempt() {
+        let placeholder = "bbph-model-key-0123456789abcdef";
+        let scanner = Scanner::with_placeholders(
+            DlpRules::builtin(),
+            Vec::new(),
+            vec![PlaceholderSecret {
+                name: "model".to_owned(),
+                placeholder: placeholder.to_owned(),
+                hosts: vec!["api.model.test".to_owned()],
+            }],
+        );
+        let escaped: String = placeholder
+            .chars()
+            .map(|c| format!("\\u{:04x}", u32::from(c)))
+            .collect();
+        let nested = STANDARD.encode(STANDARD.encode(placeholder));
+        for body in [escaped, nested] {
+            assert!(scanner.scan(body.as_bytes()).is_empty(), "{body}");
+            let found = scanner.scan_for_host(body.as_bytes(), "paste.evil.test");
+            assert_eq!(ids(&found), vec![PLACEHOLDER_RULE_ID], "{body}");
+            assert!(
+                scanner
+                    .scan_for_host(body.as_bytes(), "api.model.test")
+                    .is_empty()
+            );
+        }
+    }
+
+    #[test]
+    fn views_past_the_budget_make_the_body_too_large() {
+        let scanner = Scanner::new(DlpRules::builtin(), Vec::new()).with_max_decoded(4096);
+        // 3.6 KiB of body, 8.3 KiB of views: the text view, then two levels of base64.
+        let body = format!("\\u0041 {}", STANDARD.encode(STANDARD.encode([7u8; 2000])));
+        assert!(body.len() < 4096);
+        assert!(matches!(
+            scanner.scan_body(body.as_bytes(), None, None),
+            ScanOutcome::TooLarge { limit: 4096, .. }
+        ));
+        assert!(matches!(
+            scanner.scan_message(body.as_bytes(), "x.test"),
+            ScanOutcome::TooLarge { .. }
+        ));
     }
 
     #[test]

@@ -53,15 +53,21 @@ fn reflecting_origin() -> Handler {
                     }
                 });
                 switching_to_websocket()
-            } else if path == "/gzip" {
+            } else if path == "/gzip" || path == "/identity-then-gzip" {
                 let mut encoder =
                     flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
                 encoder.write_all(lines.as_bytes()).expect("gzip");
                 let mut response =
                     hyper::Response::new(Full::new(Bytes::from(encoder.finish().expect("gzip"))));
+                if path == "/identity-then-gzip" {
+                    // Two lines: a scrubber that reads only the first sees `identity`.
+                    response
+                        .headers_mut()
+                        .append("content-encoding", HeaderValue::from_static("identity"));
+                }
                 response
                     .headers_mut()
-                    .insert("content-encoding", HeaderValue::from_static("gzip"));
+                    .append("content-encoding", HeaderValue::from_static("gzip"));
                 response
             } else if path == "/bad-gzip" {
                 let mut body = b"\x1f\x8b not really gzip ".to_vec();
@@ -274,6 +280,19 @@ async fn a_compressed_echo_is_decoded_and_scrubbed_or_refused() {
         "the decoded body is scrubbed: {received}"
     );
     assert_no_trace(&received, &token, "gzip echo");
+
+    let split = exchange(
+        proxy,
+        &ca,
+        "GET /identity-then-gzip HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(split.starts_with("HTTP/1.1 200"), "{split}");
+    assert!(
+        split.contains(&format!("authorization: Bearer {placeholder}\n")),
+        "both coding lines are undone before scrubbing: {split}"
+    );
+    assert_no_trace(&split, &token, "identity-then-gzip echo");
 
     let refused = exchange(
         proxy,

@@ -11,6 +11,7 @@ fn short_limits() -> Limits {
         handshake_timeout: Duration::from_millis(400),
         body_read_timeout: Duration::from_millis(400),
         max_connections: 1024,
+        ..Limits::default()
     }
 }
 

@@ -12,3 +12,4 @@ mod limits;
 mod mitm;
 mod proxy;
 mod support;
+mod views;
