@@ -4,6 +4,8 @@
 
 mod audit_chain;
 mod clients;
+mod dlp_cases;
+mod dlp_rules;
 mod limits;
 mod mitm;
 mod proxy;
