@@ -613,6 +613,11 @@ fn negatives() -> Vec<String> {
         "TWILIO_ACCOUNT_SID=AC0123456789abcdef0123456789abcdef",
         "discord_invite: https://discord.gg/abcd1234",
         "heroku_app = \"my-heroku-app-name\"",
+        // Identifiers next to a provider's name: not secrets.
+        "heroku_app_id = \"0f6b3c2a-9d41-4e7b-8a15-2c9e7d3f1b64\"",
+        "SNYK_ORG_ID=5e1c7a90-3b2d-4f68-a7c1-9d0e8b4f2a36",
+        "\"squarespaceSiteId\": \"c3a9e2f1-7b64-4d08-9e15-a2b7c4d6e8f0\"",
+        "datadog_monitor_id: 0123456789abcdef0123456789abcdef",
         // Ordinary code and prose with secret-sounding words.
         "fn token(&self) -> &str { &self.token }",
         "let secret_len = 32;",
@@ -642,6 +647,10 @@ fn negatives() -> Vec<String> {
         "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----",
         "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUExample\n-----END CERTIFICATE-----",
         "use aho_corasick::AhoCorasick; // keyword prefilter",
+        "use crate::tls12::{self, ConnectionSecrets, Tls12CipherSuite};",
+        "    let raw_private_key: Curve25519SeedBin<'_> = private_key",
+        "            ClientHandshakeTrafficSecret => \"CLIENT_HANDSHAKE_TRAFFIC_SECRET\",",
+        "        common.enable_secret_extraction = config.enable_secret_extraction;",
         "assert_eq!(tokens.len(), 3, \"three tokens expected\");",
         "if password.is_empty() { return Err(Error::MissingPassword); }",
         "export PATH=\"$HOME/.cargo/bin:$PATH\"",
