@@ -47,7 +47,10 @@ fn main() {
         hosts: vec!["api.model.test".to_owned()],
     }];
     let gitleaks = Scanner::new(rules.clone(), custody.clone());
-    let builtin = Scanner::new(DlpRules::builtin(), custody.clone());
+    let started = Instant::now();
+    let builtin_rules = DlpRules::builtin();
+    let builtin_load_time = started.elapsed();
+    let builtin = Scanner::new(builtin_rules, custody.clone());
     let extra = extra_rules.map(|path| {
         let text =
             std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("read {path}: {error}"));
@@ -56,7 +59,7 @@ fn main() {
     });
 
     println!(
-        "gitleaks rules: {} loaded, {} skipped, loaded in {load_time:?} (each regex compiled once to check it; kept compiled only once a scan needs it); built-in rules: {}",
+        "gitleaks rules: {} loaded, {} skipped, loaded in {load_time:?} (each regex compiled once to check it; kept compiled only once a scan needs it); built-in rules: {}, loaded in {builtin_load_time:?}",
         rules.len(),
         skipped.len(),
         builtin.rules().len()
