@@ -1110,6 +1110,41 @@ mod tests {
     }
 
     #[test]
+    fn builtin_rules_do_not_block_placeholders_that_look_like_keys() {
+        let scanner = Scanner::new(DlpRules::builtin(), Vec::new());
+        let blocks = |text: &str| {
+            scanner
+                .scan(text.as_bytes())
+                .iter()
+                .any(|finding| finding.action == Action::Block)
+        };
+        // Too short for any Slack token format.
+        assert!(!blocks("SLACK_BOT_TOKEN=xoxb-12345-abcd234"));
+        // Google's placeholder shapes and a public Firebase SDK sample key (built from
+        // pieces so this file holds no key-shaped run).
+        assert!(!blocks("key: AIzaSyabcdefghijklmnopqrstuvwxyz1234567"));
+        assert!(!blocks(&format!("key: AIza{}", "a".repeat(35))));
+        assert!(!blocks(&format!(
+            "key: AIza{}{}",
+            "SyAnLA7NfeLquW1tJFpx", "_eQCxoX-oo6YyIs"
+        )));
+        assert!(!blocks("octopus: API-VERSIONNUMBERFORTHECLIENTX"));
+        // The same shapes with random-looking content do block.
+        assert!(blocks(&format!(
+            "SLACK_BOT_TOKEN=xoxb-{}-{}-{}",
+            "4820571193", "7719305562", "Qm3xV8pLr2Tz6Wc9Hn4Ks1Ya"
+        )));
+        assert!(blocks(&format!(
+            "key: AIza{}",
+            "Sy7Qm2Xr9Lp4Tz8Wc3Hn6Ks1Va5Bd0Fe2Gj"
+        )));
+        assert!(blocks(&format!(
+            "octopus: API-{}",
+            "7QM2XR9LP4TZ8WC3HN6KS1VA5B"
+        )));
+    }
+
+    #[test]
     fn keyword_prefilter_gates_the_rule() {
         let scanner = Scanner::new(
             rules_from(
