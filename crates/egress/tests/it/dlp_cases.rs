@@ -535,7 +535,7 @@ const FAMILIES: &[(&str, &str, &str, bool)] = &[
     (
         "twitter-bearer-token",
         "twitter",
-        "AAAAAAAAAAAAAAAAAAAAA{a90}",
+        "AAAAAAAAAAAAAAAAAAAAAA{a90}",
         false,
     ),
     ("twitter-access-token", "twitter", "{d19}-{a30}", false),
