@@ -220,6 +220,8 @@ const BARE_CONTEXTS: &[&str] = &[
     "curl -sS -H \"Authorization: Bearer {s}\" https://api.example.test/v1/me",
     "{\"messages\":[{\"role\":\"user\",\"content\":\"deploy with {s} and report back\"}]}",
     "# copied from the dashboard: {s}\n",
+    "git remote add origin https://x-access-token:{s}@forge.example.test/o/r.git",
+    "The key you asked for is {s}.",
 ];
 
 /// `(expected rule, identifier, token template, identifies itself)`.
@@ -613,6 +615,7 @@ fn negatives() -> Vec<String> {
         "TWILIO_ACCOUNT_SID=AC0123456789abcdef0123456789abcdef",
         "discord_invite: https://discord.gg/abcd1234",
         "heroku_app = \"my-heroku-app-name\"",
+        "background: url(/assets/video_box.ico-7a388b69018576d24b59331fd60aab0c.png)",
         // Identifiers next to a provider's name: not secrets.
         "heroku_app_id = \"0f6b3c2a-9d41-4e7b-8a15-2c9e7d3f1b64\"",
         "SNYK_ORG_ID=5e1c7a90-3b2d-4f68-a7c1-9d0e8b4f2a36",
