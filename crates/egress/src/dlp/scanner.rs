@@ -1145,6 +1145,23 @@ mod tests {
     }
 
     #[test]
+    fn builtin_rules_spare_a_provider_named_id_but_not_a_token_under_an_id_path() {
+        let scanner = Scanner::new(DlpRules::builtin(), Vec::new());
+        let uuid = "0f6b3c2a-9d41-4e7b-8a15-2c9e7d3f1b64";
+        let blocks = |text: String| {
+            scanner
+                .scan(text.as_bytes())
+                .iter()
+                .any(|finding| finding.action == Action::Block)
+        };
+        assert!(!blocks(format!("heroku_app_id = \"{uuid}\"")));
+        assert!(!blocks(format!("var herokuAppId string = \"{uuid}\"")));
+        assert!(blocks(format!("heroku_api_key = \"{uuid}\"")));
+        // An `id` earlier in the name is not the name of the value.
+        assert!(blocks(format!("user_id.heroku_token = \"{uuid}\"")));
+    }
+
+    #[test]
     fn keyword_prefilter_gates_the_rule() {
         let scanner = Scanner::new(
             rules_from(
