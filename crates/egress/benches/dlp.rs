@@ -1,15 +1,20 @@
-//! DLP scan throughput with the full gitleaks rule set, against plain passes over the
-//! same corpus measured in the same run.
+//! DLP scan throughput with the full gitleaks rule set and the built-in set, against plain
+//! passes over the same corpus measured in the same run; then the built-in set's detection
+//! figures on its case file (`tests/it/dlp_cases.rs`).
 //!
 //! `cargo bench -p bot-bottle-egress --bench dlp` scans a generated corpus (`-- --mib N`
 //! sets its size, 16 by default); `-- --dir PATH` also scans the files under PATH as a
-//! second corpus (real code, for instance `~/.cargo/registry/src`). One core: the scans run
-//! on the calling thread.
+//! second corpus (real code, for instance `~/.cargo/registry/src`); `-- --rules PATH` adds
+//! one more rule file to both measures (an older built-in set, for a before/after). One
+//! core: the scans run on the calling thread.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use bot_bottle_egress::dlp::{CustodySecret, DlpRules, Scanner};
+
+#[path = "../tests/it/dlp_cases.rs"]
+mod dlp_cases;
 
 const GITLEAKS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -19,11 +24,13 @@ const GITLEAKS: &str = concat!(
 fn main() {
     let mut mib = 16usize;
     let mut dir = None;
+    let mut extra_rules = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--mib" => mib = args.next().and_then(|v| v.parse().ok()).unwrap_or(mib),
             "--dir" => dir = args.next(),
+            "--rules" => extra_rules = args.next(),
             // `cargo bench` passes `--bench`; anything else is ignored the same way.
             _ => {}
         }
@@ -40,29 +47,56 @@ fn main() {
         hosts: vec!["api.model.test".to_owned()],
     }];
     let gitleaks = Scanner::new(rules.clone(), custody.clone());
-    let builtin = Scanner::new(DlpRules::builtin(), custody);
+    let started = Instant::now();
+    let builtin_rules = DlpRules::builtin();
+    let builtin_load_time = started.elapsed();
+    let builtin = Scanner::new(builtin_rules, custody.clone());
+    let extra = extra_rules.map(|path| {
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("read {path}: {error}"));
+        let (rules, _) = DlpRules::from_gitleaks_toml(&text).expect("valid rule file");
+        (path, Scanner::new(rules, custody))
+    });
 
     println!(
-        "gitleaks rules: {} loaded, {} skipped, loaded in {load_time:?} (each regex compiled once to check it; kept compiled only once a scan needs it); built-in rules: {}",
+        "gitleaks rules: {} loaded, {} skipped, loaded in {load_time:?} (each regex compiled once to check it; kept compiled only once a scan needs it); built-in rules: {}, loaded in {builtin_load_time:?}",
         rules.len(),
         skipped.len(),
         builtin.rules().len()
     );
     let synthetic = corpus(mib << 20);
+    let mut sets = vec![
+        ("scan: full gitleaks set".to_owned(), &gitleaks),
+        ("scan: built-in set".to_owned(), &builtin),
+    ];
+    if let Some((path, scanner)) = &extra {
+        sets.push((format!("scan: {path}"), scanner));
+    }
     report(
         "synthetic (text, JSON, code; keyword-dense)",
         &synthetic,
-        &gitleaks,
-        &builtin,
+        &sets,
     );
     if let Some(dir) = dir {
         let mut docs = Vec::new();
         add_dir(&mut docs, std::path::Path::new(&dir));
-        report(&format!("files under {dir}"), &docs, &gitleaks, &builtin);
+        report(&format!("files under {dir}"), &docs, &sets);
+    }
+
+    let cases = dlp_cases::cases();
+    println!("\ndetection on the built-in set's case file (tests/it/dlp_cases.rs):");
+    for (name, scanner) in &sets {
+        let score = dlp_cases::score(scanner, &cases);
+        println!(
+            "{}: {} ({} failures)",
+            name.trim_start_matches("scan: "),
+            score.summary(),
+            score.failures.len()
+        );
     }
 }
 
-fn report(name: &str, docs: &[Vec<u8>], gitleaks: &Scanner, builtin: &Scanner) {
+fn report(name: &str, docs: &[Vec<u8>], sets: &[(String, &Scanner)]) {
     let total: usize = docs.iter().map(Vec::len).sum();
     #[expect(
         clippy::cast_precision_loss,
@@ -83,38 +117,39 @@ fn report(name: &str, docs: &[Vec<u8>], gitleaks: &Scanner, builtin: &Scanner) {
     let aho_time = best_of(3, || {
         docs.iter().map(|doc| aho.find_iter(doc).count()).sum()
     });
-    let mut gitleaks_findings = 0;
-    let gitleaks_time = best_of(3, || {
-        gitleaks_findings = docs.iter().map(|doc| gitleaks.scan(doc).len()).sum();
-        gitleaks_findings
-    });
-    let mut builtin_findings = 0;
-    let builtin_time = best_of(3, || {
-        builtin_findings = docs.iter().map(|doc| builtin.scan(doc).len()).sum();
-        builtin_findings
-    });
+    let mut timings = Vec::new();
+    for (pass, scanner) in sets {
+        let mut findings = 0;
+        let time = best_of(3, || {
+            findings = docs.iter().map(|doc| scanner.scan(doc).len()).sum();
+            findings
+        });
+        timings.push((pass.clone(), time, findings));
+    }
 
     let rate = |time: Duration| mb / time.as_secs_f64();
     let memchr_rate = rate(memchr_time);
     let aho_rate = rate(aho_time);
     println!(
-        "{:<36} {:>9} {:>10} {:>9}",
-        "pass", "MB/s", "vs memchr", "vs aho"
+        "{:<36} {:>9} {:>10} {:>9} {:>9}",
+        "pass", "MB/s", "vs memchr", "vs aho", "findings"
     );
-    for (pass, time) in [
-        ("memchr memmem (baseline)", memchr_time),
-        ("aho-corasick, 6 keywords (baseline)", aho_time),
-        ("scan: full gitleaks set", gitleaks_time),
-        ("scan: built-in set", builtin_time),
-    ] {
+    let baselines = [
+        ("memchr memmem (baseline)".to_owned(), memchr_time, 0),
+        (
+            "aho-corasick, 6 keywords (baseline)".to_owned(),
+            aho_time,
+            0,
+        ),
+    ];
+    for (pass, time, findings) in baselines.iter().chain(timings.iter()) {
         println!(
-            "{pass:<36} {:>9.1} {:>9.3}x {:>8.2}x",
-            rate(time),
-            rate(time) / memchr_rate,
-            rate(time) / aho_rate
+            "{pass:<36} {:>9.1} {:>9.3}x {:>8.2}x {findings:>9}",
+            rate(*time),
+            rate(*time) / memchr_rate,
+            rate(*time) / aho_rate
         );
     }
-    println!("findings: gitleaks {gitleaks_findings}, built-in {builtin_findings}");
 }
 
 fn best_of(runs: usize, mut pass: impl FnMut() -> usize) -> Duration {

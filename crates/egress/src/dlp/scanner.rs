@@ -428,6 +428,7 @@ impl Scanner {
                 &mut findings,
             );
         }
+        drop_generic_duplicates(&mut findings);
         findings.sort_by_key(|finding| finding.offset);
         findings
     }
@@ -611,6 +612,35 @@ impl Scanner {
             });
         }
     }
+}
+
+/// True for a rule id that names a generic pattern (a secret-sounding name and a
+/// high-entropy value) rather than one provider's token format: `generic-api-key`, the id
+/// both gitleaks and the built-in set use, and any other `generic-…` id.
+pub(crate) fn is_generic_rule(id: &str) -> bool {
+    id.starts_with("generic-")
+}
+
+/// Drops a generic rule's finding when a specific rule found an overlapping span, as
+/// gitleaks does: the same secret is reported (and audited) once, under the rule that
+/// knows what it is.
+fn drop_generic_duplicates(findings: &mut Vec<Finding>) {
+    let specific: Vec<Range<usize>> = findings
+        .iter()
+        .filter(|finding| finding.kind == FindingKind::Rule && !is_generic_rule(&finding.rule_id))
+        .map(|finding| finding.offset..finding.offset + finding.len)
+        .collect();
+    if specific.is_empty() {
+        return;
+    }
+    findings.retain(|finding| {
+        let span = finding.offset..finding.offset + finding.len;
+        finding.kind != FindingKind::Rule
+            || !is_generic_rule(&finding.rule_id)
+            || !specific
+                .iter()
+                .any(|other| other.start < span.end && span.start < other.end)
+    });
 }
 
 /// The same matches as `regex.captures_iter(haystack)`, found faster when the regex was
@@ -1135,6 +1165,103 @@ mod tests {
             "{} rules compiled: {after:?}",
             after.len()
         );
+    }
+
+    #[test]
+    fn a_generic_finding_on_a_specific_rules_span_is_dropped() {
+        let scanner = Scanner::new(
+            rules_from(
+                "[[rules]]\nid = 'generic-api-key'\nregex = '(?i)token\\s*=\\s*([a-z0-9_]{12,})'\n\
+                 [[rules]]\nid = 'tok'\nregex = 'tok_[a-z0-9]{8}'\n\
+                 [[rules]]\nid = 'generic-password'\nregex = 'pw=([a-z0-9_]{8,})'\n",
+            ),
+            Vec::new(),
+        );
+        // The generic rule's secret contains the specific token: reported once, as `tok`.
+        assert_eq!(ids(&scanner.scan(b"token = tok_prod1234")), vec!["tok"]);
+        // Overlapping without containing is the same secret too.
+        assert_eq!(
+            ids(&scanner.scan(b"pw=zz_tok_prod1234 pw=tok_prod1234zz")),
+            vec!["tok", "tok"]
+        );
+        // A generic finding elsewhere in the buffer stays.
+        assert_eq!(
+            ids(&scanner.scan(b"tok_prod1234 token = qwertyuiop12")),
+            vec!["tok", "generic-api-key"]
+        );
+        // Two generic rules on one span are both kept: neither knows more than the other.
+        let generic_only = Scanner::new(
+            rules_from(
+                "[[rules]]\nid = 'generic-api-key'\nregex = 'k=([a-z0-9]{8,})'\n\
+                 [[rules]]\nid = 'generic-other'\nregex = '([a-z0-9]{8,})'\n",
+            ),
+            Vec::new(),
+        );
+        assert_eq!(
+            ids(&generic_only.scan(b"k=abcdef123")),
+            vec!["generic-api-key", "generic-other"]
+        );
+    }
+
+    #[test]
+    fn the_builtin_set_reports_a_provider_token_once() {
+        let scanner = Scanner::new(DlpRules::builtin(), Vec::new());
+        let body = format!("{{\"api_token\": \"{GITHUB_TOKEN}\"}}");
+        let findings = scanner.scan(body.as_bytes());
+        assert_eq!(ids(&findings), vec!["github-pat"]);
+        assert_eq!(findings[0].action, Action::Block);
+    }
+
+    #[test]
+    fn builtin_rules_do_not_block_placeholders_that_look_like_keys() {
+        let scanner = Scanner::new(DlpRules::builtin(), Vec::new());
+        let blocks = |text: &str| {
+            scanner
+                .scan(text.as_bytes())
+                .iter()
+                .any(|finding| finding.action == Action::Block)
+        };
+        // Too short for any Slack token format.
+        assert!(!blocks("SLACK_BOT_TOKEN=xoxb-12345-abcd234"));
+        // Google's placeholder shapes and a public Firebase SDK sample key (built from
+        // pieces so this file holds no key-shaped run).
+        assert!(!blocks("key: AIzaSyabcdefghijklmnopqrstuvwxyz1234567"));
+        assert!(!blocks(&format!("key: AIza{}", "a".repeat(35))));
+        assert!(!blocks(&format!(
+            "key: AIza{}{}",
+            "SyAnLA7NfeLquW1tJFpx", "_eQCxoX-oo6YyIs"
+        )));
+        assert!(!blocks("octopus: API-VERSIONNUMBERFORTHECLIENTX"));
+        // The same shapes with random-looking content do block.
+        assert!(blocks(&format!(
+            "SLACK_BOT_TOKEN=xoxb-{}-{}-{}",
+            "4820571193", "7719305562", "Qm3xV8pLr2Tz6Wc9Hn4Ks1Ya"
+        )));
+        assert!(blocks(&format!(
+            "key: AIza{}",
+            "Sy7Qm2Xr9Lp4Tz8Wc3Hn6Ks1Va5Bd0Fe2Gj"
+        )));
+        assert!(blocks(&format!(
+            "octopus: API-{}",
+            "7QM2XR9LP4TZ8WC3HN6KS1VA5B"
+        )));
+    }
+
+    #[test]
+    fn builtin_rules_spare_a_provider_named_id_but_not_a_token_under_an_id_path() {
+        let scanner = Scanner::new(DlpRules::builtin(), Vec::new());
+        let uuid = "0f6b3c2a-9d41-4e7b-8a15-2c9e7d3f1b64";
+        let blocks = |text: String| {
+            scanner
+                .scan(text.as_bytes())
+                .iter()
+                .any(|finding| finding.action == Action::Block)
+        };
+        assert!(!blocks(format!("heroku_app_id = \"{uuid}\"")));
+        assert!(!blocks(format!("var herokuAppId string = \"{uuid}\"")));
+        assert!(blocks(format!("heroku_api_key = \"{uuid}\"")));
+        // An `id` earlier in the name is not the name of the value.
+        assert!(blocks(format!("user_id.heroku_token = \"{uuid}\"")));
     }
 
     #[test]

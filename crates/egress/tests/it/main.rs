@@ -7,6 +7,8 @@ mod audit_chain;
 mod clients;
 mod custody;
 mod disk_full;
+mod dlp_cases;
+mod dlp_rules;
 mod holes;
 mod limits;
 mod mitm;
