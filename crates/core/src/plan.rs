@@ -509,6 +509,9 @@ fn rule_summary(rule: &crate::policy::EgressRule) -> String {
             " git {} fetch={} push={}",
             git.repo, git.fetch, git.push
         );
+        if !git.push_refs.is_empty() {
+            let _ = write!(out, " push_refs={}", git.push_refs.join(","));
+        }
     }
     if rule.passthrough {
         out.push_str(" (passthrough: not intercepted)");

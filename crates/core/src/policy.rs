@@ -108,6 +108,13 @@ pub struct GitRule {
     pub fetch: bool,
     #[serde(default)]
     pub push: bool,
+    /// Globs over full ref names (`refs/heads/bot-bottle/*`) that a push may create or
+    /// update. When any git rule for a repository sets them, the gateway reads the
+    /// ref-update commands of every push to it and refuses the whole push if one command
+    /// deletes a ref, names a ref no glob matches, or names a tag no `refs/tags/` glob
+    /// names. Empty means `push: true` allows any ref.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub push_refs: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -292,6 +299,14 @@ pub enum PolicyError {
     BadGlob { index: usize, glob: String },
     #[error("egress rule {index}: git repo `{repo}` is not `owner/name`")]
     BadGitRepo { index: usize, repo: String },
+    #[error(
+        "egress rule {index}: git push_refs glob `{glob}` is not a ref glob\nhint: write a full ref name glob starting with `refs/`, e.g. `refs/heads/bot-bottle/*`"
+    )]
+    BadPushRef { index: usize, glob: String },
+    #[error(
+        "egress rule {index}: git push_refs is set but push is not\nhint: add `push: true` to the git rule, or drop `push_refs`"
+    )]
+    PushRefsWithoutPush { index: usize },
     #[error("egress rule {index}: `{field}` cannot be combined with `{other}`\nhint: {hint}")]
     Conflict {
         index: usize,
@@ -516,6 +531,15 @@ impl EgressRule {
                     repo: git.repo.clone(),
                 });
             }
+            if !git.push_refs.is_empty() && !git.push {
+                return Err(PolicyError::PushRefsWithoutPush { index });
+            }
+            if let Some(glob) = git.push_refs.iter().find(|glob| !push_ref_glob_ok(glob)) {
+                return Err(PolicyError::BadPushRef {
+                    index,
+                    glob: glob.clone(),
+                });
+            }
             if !self.paths.is_empty() || !self.methods.is_empty() {
                 return Err(PolicyError::Conflict {
                     index,
@@ -602,6 +626,60 @@ impl GitRule {
             GitService::Fetch => Err(Reason::GitFetchNotAllowed),
             GitService::Push if self.push => Ok(()),
             GitService::Push => Err(Reason::GitPushNotAllowed),
+        }
+    }
+}
+
+/// A `push_refs` glob: a ref name under `refs/` with `*` and `?` as wildcards, and
+/// nothing git would refuse in a ref name besides them (no `..`, `//`, control
+/// characters, spaces, `~^:[\`, `@{`).
+fn push_ref_glob_ok(glob: &str) -> bool {
+    glob.len() > "refs/".len()
+        && glob.starts_with("refs/")
+        && !glob.contains("..")
+        && !glob.contains("//")
+        && !glob.contains("@{")
+        && glob
+            .bytes()
+            .all(|b| b > b' ' && b != 0x7f && !b"~^:[\\".contains(&b))
+}
+
+/// Which refs a `git-receive-pack` POST may update, as the gateway must enforce it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushScope<'a> {
+    /// Not a push that any `push_refs` binds: decided by the rules alone.
+    Unrestricted,
+    /// The union of the `push_refs` of every git rule for this host, port and
+    /// repository; every ref-update command must fit them.
+    Refs(Vec<&'a str>),
+}
+
+impl EgressPolicy {
+    /// The ref scope of a request: [`PushScope::Refs`] when it is a smart-HTTP
+    /// `git-receive-pack` POST to a repository that some git rule for the same host and
+    /// port restricts with `push_refs`. Such a rule binds every push to that repository,
+    /// whichever rule allowed the request (a broad host rule, or a git rule without
+    /// `push_refs`), so adding a rule never widens it.
+    #[must_use]
+    pub fn push_scope(&self, facts: &RequestFacts<'_>) -> PushScope<'_> {
+        if !facts.method.eq_ignore_ascii_case("POST") {
+            return PushScope::Unrestricted;
+        }
+        let Some((repo, GitService::Push)) = git_request(facts) else {
+            return PushScope::Unrestricted;
+        };
+        let globs: Vec<&str> = self
+            .rules
+            .iter()
+            .filter(|rule| host_matches(&rule.host, facts.host) && rule.port_matches(facts.port))
+            .filter_map(|rule| rule.git.as_ref())
+            .filter(|git| repo_matches(&git.repo, repo))
+            .flat_map(|git| git.push_refs.iter().map(String::as_str))
+            .collect();
+        if globs.is_empty() {
+            PushScope::Unrestricted
+        } else {
+            PushScope::Refs(globs)
         }
     }
 }
@@ -850,7 +928,8 @@ rules:
             Some(GitRule {
                 repo: "owner/name".into(),
                 fetch: true,
-                push: false
+                push: false,
+                push_refs: Vec::new(),
             })
         );
         assert_eq!(
@@ -858,7 +937,8 @@ rules:
             Some(GitRule {
                 repo: "owner/scratch".into(),
                 fetch: true,
-                push: true
+                push: true,
+                push_refs: Vec::new(),
             })
         );
         assert_eq!(policy.validate(), Ok(()));
@@ -1297,6 +1377,7 @@ rules:
                 repo: repo.into(),
                 fetch: true,
                 push: false,
+                push_refs: Vec::new(),
             })
         };
         assert!(matches!(
@@ -1337,6 +1418,131 @@ rules:
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn push_refs_are_validated_with_hints() {
+        let rule = |push: bool, globs: &[&str]| EgressPolicy {
+            rules: vec![EgressRule {
+                git: Some(GitRule {
+                    repo: "owner/name".into(),
+                    fetch: true,
+                    push,
+                    push_refs: globs.iter().map(|g| (*g).to_string()).collect(),
+                }),
+                ..EgressRule::host("git.example")
+            }],
+            ..EgressPolicy::default()
+        };
+        assert_eq!(rule(true, &["refs/heads/bot-bottle/*"]).validate(), Ok(()));
+        assert_eq!(
+            rule(true, &["refs/heads/a", "refs/tags/v?"]).validate(),
+            Ok(())
+        );
+        let err = rule(false, &["refs/heads/bot-bottle/*"])
+            .validate()
+            .expect_err("push_refs needs push");
+        assert_eq!(err, PolicyError::PushRefsWithoutPush { index: 0 });
+        assert!(err.to_string().contains("hint: add `push: true`"), "{err}");
+        for glob in [
+            "",
+            "refs/",
+            "heads/main",
+            "*",
+            "/refs/heads/x",
+            "refs/heads/../x",
+            "refs/heads//x",
+            "refs/heads/a b",
+            "refs/heads/x\ty",
+            "refs/heads/x\\y",
+            "refs/heads/x:y",
+            "refs/heads/x@{1}",
+            "refs/heads/[ab]",
+        ] {
+            let err = rule(true, &["refs/heads/ok", glob])
+                .validate()
+                .expect_err(glob);
+            assert_eq!(
+                err,
+                PolicyError::BadPushRef {
+                    index: 0,
+                    glob: glob.to_string()
+                }
+            );
+            assert!(err.to_string().contains("hint: "), "{err}");
+        }
+        let parsed: EgressPolicy = serde_saphyr::from_str(
+            "rules:\n  - host: git.example\n    git: {repo: owner/name, push: true, push_refs: [\"refs/heads/bot-bottle/*\"]}\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            parsed.rules[0].git.as_ref().map(|g| g.push_refs.clone()),
+            Some(vec!["refs/heads/bot-bottle/*".to_string()])
+        );
+        assert_eq!(parsed.validate(), Ok(()));
+    }
+
+    #[test]
+    fn push_scope_binds_every_push_to_a_restricted_repo() {
+        let policy: EgressPolicy = serde_saphyr::from_str(
+            r#"
+rules:
+  - host: git.example
+    git: {repo: owner/name, push: true, push_refs: ["refs/heads/bot-bottle/*"]}
+  - host: git.example
+    git: {repo: owner/name, push: true, push_refs: ["refs/heads/other/*"]}
+  - host: git.example
+    git: {repo: owner/name, push: true}
+  - host: git.example
+    git: {repo: owner/free, push: true}
+  - host: "*.example"
+"#,
+        )
+        .expect("parses");
+        assert_eq!(policy.validate(), Ok(()));
+        let scope = |method: &'static str, path: &'static str| {
+            policy.push_scope(&facts("git.example", method, path, None))
+        };
+        let both = PushScope::Refs(vec!["refs/heads/bot-bottle/*", "refs/heads/other/*"]);
+        // Every spelling of the repository, whichever rule allows the request.
+        assert_eq!(scope("POST", "/owner/name.git/git-receive-pack"), both);
+        assert_eq!(scope("post", "/Owner/Name/git-receive-pack"), both);
+        // Fetches, the ref advertisement and other repositories are not bound.
+        assert_eq!(
+            scope("POST", "/owner/name.git/git-upload-pack"),
+            PushScope::Unrestricted
+        );
+        assert_eq!(
+            policy.push_scope(&facts(
+                "git.example",
+                "GET",
+                "/owner/name.git/info/refs",
+                Some("service=git-receive-pack")
+            )),
+            PushScope::Unrestricted
+        );
+        assert_eq!(
+            scope("POST", "/owner/free.git/git-receive-pack"),
+            PushScope::Unrestricted
+        );
+        // Another host or port is another forge.
+        assert_eq!(
+            policy.push_scope(&facts(
+                "other.example",
+                "POST",
+                "/owner/name.git/git-receive-pack",
+                None
+            )),
+            PushScope::Unrestricted
+        );
+        let mut on_port = facts(
+            "git.example",
+            "POST",
+            "/owner/name.git/git-receive-pack",
+            None,
+        );
+        on_port.port = 8443;
+        assert_eq!(policy.push_scope(&on_port), PushScope::Unrestricted);
     }
 
     #[test]
