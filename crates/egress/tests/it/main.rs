@@ -7,6 +7,7 @@ mod audit_chain;
 mod clients;
 mod custody;
 mod disk_full;
+mod git_refs;
 mod holes;
 mod limits;
 mod mitm;
