@@ -650,7 +650,8 @@ pub enum PushScope<'a> {
     /// Not a push that any `push_refs` binds: decided by the rules alone.
     Unrestricted,
     /// The union of the `push_refs` of every git rule for this host, port and
-    /// repository; every ref-update command must fit them.
+    /// repository (none, for a path no git rule can attribute); every ref-update command
+    /// must fit them.
     Refs(Vec<&'a str>),
 }
 
@@ -659,29 +660,63 @@ impl EgressPolicy {
     /// `git-receive-pack` POST to a repository that some git rule for the same host and
     /// port restricts with `push_refs`. Such a rule binds every push to that repository,
     /// whichever rule allowed the request (a broad host rule, or a git rule without
-    /// `push_refs`), so adding a rule never widens it.
+    /// `push_refs`), so adding a rule never widens it. Repositories are compared without
+    /// ASCII case or a `.git` suffix. A POST whose decoded path ends in
+    /// `git-receive-pack` but names no repository a git rule could match (an encoded
+    /// name, an empty segment, a trailing slash), to a host where some git rule sets
+    /// `push_refs`, is held to no ref at all: an origin might still route it to one.
     #[must_use]
     pub fn push_scope(&self, facts: &RequestFacts<'_>) -> PushScope<'_> {
         if !facts.method.eq_ignore_ascii_case("POST") {
             return PushScope::Unrestricted;
         }
-        let Some((repo, GitService::Push)) = git_request(facts) else {
+        let decoded = percent_decode(facts.path.as_bytes());
+        let endpoint = decoded
+            .split(|&b| b == b'/')
+            .rfind(|segment| !segment.is_empty());
+        if !endpoint.is_some_and(|e| e.eq_ignore_ascii_case(b"git-receive-pack")) {
             return PushScope::Unrestricted;
+        }
+        let repo = match git_request(facts) {
+            Some((repo, GitService::Push)) => Some(repo),
+            _ => None,
         };
-        let globs: Vec<&str> = self
+        let mut restricted = false;
+        let mut globs: Vec<&str> = Vec::new();
+        let git_rules = self
             .rules
             .iter()
             .filter(|rule| host_matches(&rule.host, facts.host) && rule.port_matches(facts.port))
             .filter_map(|rule| rule.git.as_ref())
-            .filter(|git| repo_matches(&git.repo, repo))
-            .flat_map(|git| git.push_refs.iter().map(String::as_str))
-            .collect();
-        if globs.is_empty() {
-            PushScope::Unrestricted
-        } else {
+            .filter(|git| !git.push_refs.is_empty());
+        for git in git_rules {
+            match repo {
+                Some(repo) if same_repo(&git.repo, repo) => {
+                    restricted = true;
+                    globs.extend(git.push_refs.iter().map(String::as_str));
+                }
+                Some(_) => {}
+                None => restricted = true,
+            }
+        }
+        if restricted {
             PushScope::Refs(globs)
+        } else {
+            PushScope::Unrestricted
         }
     }
+}
+
+/// Repository names as a forge reads them: ASCII case and one `.git` suffix aside.
+fn same_repo(a: &str, b: &str) -> bool {
+    let key = |repo: &str| {
+        let lower = repo.to_ascii_lowercase();
+        lower
+            .strip_suffix(".git")
+            .map(str::to_owned)
+            .unwrap_or(lower)
+    };
+    key(a) == key(b)
 }
 
 fn repo_matches(rule_repo: &str, request_repo: &str) -> bool {
@@ -1543,6 +1578,34 @@ rules:
         );
         on_port.port = 8443;
         assert_eq!(policy.push_scope(&on_port), PushScope::Unrestricted);
+        // Spellings a forge may route to the same repository.
+        assert_eq!(scope("POST", "/OWNER/NAME.GIT/git-receive-pack"), both);
+        // Paths the broad rule allows but no git rule can attribute to a repository:
+        // held to no ref at all.
+        for path in [
+            "/owner/na%6de.git/git-receive-pack",
+            "/owner/name.git//git-receive-pack",
+            "/owner/name.git/git-receive-pack/",
+            "/owner/name.git/git-receive-pac%6b",
+            "/owner/name.git/GIT-RECEIVE-PACK",
+            "/git-receive-pack",
+        ] {
+            assert_eq!(scope("POST", path), PushScope::Refs(Vec::new()), "{path}");
+        }
+        // A host without any push_refs rule keeps today's behaviour.
+        let free: EgressPolicy = serde_saphyr::from_str(
+            "rules:\n  - host: git.example\n  - host: git.example\n    git: {repo: owner/name, push: true}\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            free.push_scope(&facts(
+                "git.example",
+                "POST",
+                "/owner/na%6de/git-receive-pack",
+                None
+            )),
+            PushScope::Unrestricted
+        );
     }
 
     #[test]

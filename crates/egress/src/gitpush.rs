@@ -367,7 +367,11 @@ pub(crate) fn check(globs: &[&str], head: &[u8], encodings: &[&[u8]]) -> Result<
             .map(|(name, problem)| format!("{} ({})", cut(name), problem.as_str())),
         total,
     );
-    let allowed = listed(&mut globs.iter().map(|g| cut(g)), globs.len());
+    let allowed = if globs.is_empty() {
+        "no ref at this path".to_string()
+    } else {
+        listed(&mut globs.iter().map(|g| cut(g)), globs.len())
+    };
     Err(Refusal {
         reason: REF_NOT_ALLOWED,
         detail: format!(
@@ -751,6 +755,14 @@ mod tests {
             refusal.detail
         );
         assert!(!refusal.detail.contains("run-1"), "{}", refusal.detail);
+        // A path no git rule can attribute is held to no ref at all.
+        let refusal = refused(&[], &body(&[(ZERO, A, "refs/heads/bot-bottle/run-1")], ""));
+        assert_eq!(refusal.reason, REF_NOT_ALLOWED);
+        assert!(
+            refusal.detail.contains("no ref at this path"),
+            "{}",
+            refusal.detail
+        );
         let ok = check(
             GLOBS,
             &body(&[(ZERO, A, "refs/heads/bot-bottle/run-1")], ""),

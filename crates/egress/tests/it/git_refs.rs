@@ -7,9 +7,12 @@ use bot_bottle_core::credential::{CredentialSource, CredentialSpec, Inject};
 use bot_bottle_egress::ResolvedCredential;
 
 use crate::clients::{GIT_TOKEN, bare_repo, git_backend, git_ok, run};
-use crate::support::{TestGateway, TestPki, policy, tls_gateway, tls_origin, traffic};
+use crate::support::{TestGateway, TestPki, curl, policy, tls_gateway, tls_origin, traffic};
+
+const SCOPED: &str = "audit: all\nrules:\n  - host: git.test\n    git: {repo: owner/name, fetch: true, push: true, push_refs: [\"refs/heads/bot-bottle/*\"]}\n";
 
 struct Forge {
+    ca: String,
     gw: TestGateway,
     root: PathBuf,
     work: PathBuf,
@@ -19,7 +22,7 @@ struct Forge {
 }
 
 impl Forge {
-    async fn start() -> Forge {
+    async fn start(rules: &str) -> Forge {
         let pki = TestPki::new();
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("repos");
@@ -28,9 +31,7 @@ impl Forge {
         bare_repo(&root, &work, "owner/name");
         bare_repo(&root, &work, "owner/other");
         let origin = tls_origin(&pki, &["git.test"], Some(git_backend(root.clone()))).await;
-        let rules = policy(
-            "audit: all\nrules:\n  - host: git.test\n    git: {repo: owner/name, fetch: true, push: true, push_refs: [\"refs/heads/bot-bottle/*\"]}\n",
-        );
+        let rules = policy(rules);
         let gitea = ResolvedCredential::with_value(
             CredentialSpec {
                 name: "gitea".into(),
@@ -54,6 +55,7 @@ impl Forge {
             format!("http.sslCAInfo={}", ca.to_str().expect("utf8")),
         ];
         Forge {
+            ca: ca.to_str().expect("utf8").to_string(),
             gw,
             root,
             work,
@@ -136,7 +138,7 @@ impl Forge {
 
 #[tokio::test]
 async fn the_run_branch_is_pushed_and_other_refs_are_refused_with_an_audit_line() {
-    let forge = Forge::start().await;
+    let forge = Forge::start(SCOPED).await;
     let checkout = forge.checkout().await;
     let head = git_ok(&checkout, &["rev-parse", "HEAD"]).trim().to_string();
     let main_before = forge.served_ref("owner/name", "refs/heads/main");
@@ -258,7 +260,7 @@ async fn the_run_branch_is_pushed_and_other_refs_are_refused_with_an_audit_line(
 
 #[tokio::test]
 async fn a_push_to_another_repository_is_refused() {
-    let forge = Forge::start().await;
+    let forge = Forge::start(SCOPED).await;
     let checkout = forge.checkout().await;
     let other_url = forge.url("owner/other");
     let before = forge.served_ref("owner/other", "refs/heads/main");
@@ -285,5 +287,72 @@ async fn a_push_to_another_repository_is_refused() {
                 .is_some_and(|p| p.starts_with("/owner/other.git/"))),
         "{blocks:?}"
     );
+    forge.gw.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_broad_host_rule_does_not_widen_push_refs() {
+    let forge = Forge::start(&format!("{SCOPED}  - host: git.test\n")).await;
+    let checkout = forge.checkout().await;
+    let main_before = forge.served_ref("owner/name", "refs/heads/main");
+    forge
+        .git_ok(
+            &checkout,
+            &["push", "-q", "origin", "HEAD:bot-bottle/run-1"],
+        )
+        .await;
+    forge
+        .git_refused(&checkout, &["push", "origin", "HEAD:main"])
+        .await;
+    assert_eq!(
+        forge.served_ref("owner/name", "refs/heads/main"),
+        main_before
+    );
+    let blocks = forge.push_blocks();
+    assert_eq!(blocks.len(), 1, "{blocks:?}");
+    assert_eq!(blocks[0]["reason"], "git-ref-not-allowed");
+
+    // A hand-made, gzip-encoded push to a spelling of the repository that no git rule
+    // parses (`%6d` is `m`): the broad rule allows the request, the push scope holds it
+    // to no ref at all.
+    let old = main_before.expect("main exists");
+    let line = format!("{old} {old} refs/heads/main\0report-status\n");
+    let mut raw = format!("{:04x}", line.len() + 4).into_bytes();
+    raw.extend_from_slice(line.as_bytes());
+    raw.extend_from_slice(b"0000");
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut encoder, &raw).expect("in memory");
+    let body_path = forge.work.join("push.gz");
+    std::fs::write(&body_path, encoder.finish().expect("in memory")).expect("write");
+    let result = curl(
+        &forge.gw.proxy_url(),
+        &[
+            "--cacert",
+            &forge.ca,
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/x-git-receive-pack-request",
+            "-H",
+            "Content-Encoding: gzip",
+            "--data-binary",
+            &format!("@{}", body_path.to_str().expect("utf8")),
+            "https://git.test/owner/na%6de.git/git-receive-pack",
+        ],
+    )
+    .await;
+    assert_eq!(
+        result.status,
+        403,
+        "{} {} {:?}",
+        result.body,
+        result.headers,
+        traffic(&forge.gw.audit_path).last()
+    );
+    assert_eq!(
+        result.header("x-bot-bottle-block").as_deref(),
+        Some("git-ref-not-allowed")
+    );
+    assert!(result.body.contains("refs/heads/main"), "{}", result.body);
     forge.gw.handle.shutdown().await;
 }
