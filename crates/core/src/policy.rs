@@ -644,7 +644,7 @@ fn push_ref_glob_ok(glob: &str) -> bool {
             .all(|b| b > b' ' && b != 0x7f && !b"~^:[\\".contains(&b))
 }
 
-/// Which refs a `git-receive-pack` POST may update, as the gateway must enforce it.
+/// Which refs a `git-receive-pack` request may update, as the gateway must enforce it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PushScope<'a> {
     /// Not a push that any `push_refs` binds: decided by the rules alone.
@@ -657,19 +657,17 @@ pub enum PushScope<'a> {
 
 impl EgressPolicy {
     /// The ref scope of a request: [`PushScope::Refs`] when it is a smart-HTTP
-    /// `git-receive-pack` POST to a repository that some git rule for the same host and
+    /// `git-receive-pack` request to a repository that some git rule for the same host and
     /// port restricts with `push_refs`. Such a rule binds every push to that repository,
     /// whichever rule allowed the request (a broad host rule, or a git rule without
     /// `push_refs`), so adding a rule never widens it. Repositories are compared without
-    /// ASCII case or a `.git` suffix. A POST whose decoded path ends in
+    /// ASCII case or a `.git` suffix. A request whose decoded path ends in
     /// `git-receive-pack` but names no repository a git rule could match (an encoded
     /// name, an empty segment, a trailing slash), to a host where some git rule sets
     /// `push_refs`, is held to no ref at all: an origin might still route it to one.
+    /// The method does not matter (a method-override header could make a `GET` a push).
     #[must_use]
     pub fn push_scope(&self, facts: &RequestFacts<'_>) -> PushScope<'_> {
-        if !facts.method.eq_ignore_ascii_case("POST") {
-            return PushScope::Unrestricted;
-        }
         let decoded = percent_decode(facts.path.as_bytes());
         let endpoint = decoded
             .split(|&b| b == b'/')
@@ -677,7 +675,11 @@ impl EgressPolicy {
         if !endpoint.is_some_and(|e| e.eq_ignore_ascii_case(b"git-receive-pack")) {
             return PushScope::Unrestricted;
         }
-        let repo = match git_request(facts) {
+        let as_post = RequestFacts {
+            method: "POST",
+            ..*facts
+        };
+        let repo = match git_request(&as_post) {
             Some((repo, GitService::Push)) => Some(repo),
             _ => None,
         };
@@ -1542,6 +1544,9 @@ rules:
         // Every spelling of the repository, whichever rule allows the request.
         assert_eq!(scope("POST", "/owner/name.git/git-receive-pack"), both);
         assert_eq!(scope("post", "/Owner/Name/git-receive-pack"), both);
+        // Whatever the method: an override header could make it a POST.
+        assert_eq!(scope("GET", "/owner/name.git/git-receive-pack"), both);
+        assert_eq!(scope("PUT", "/owner/name/git-receive-pack"), both);
         // Fetches, the ref advertisement and other repositories are not bound.
         assert_eq!(
             scope("POST", "/owner/name.git/git-upload-pack"),

@@ -285,8 +285,8 @@ pub(crate) struct Refusal {
     pub(crate) detail: String,
 }
 
-/// The `push_refs` globs a request is held to: `Some` only for a `git-receive-pack` POST
-/// to a repository that a git rule for its host and port restricts (see
+/// The `push_refs` globs a request is held to: `Some` only for a `git-receive-pack`
+/// request (any method) to a repository that a git rule for its host and port restricts (see
 /// [`EgressPolicy::push_scope`]).
 pub(crate) fn scope<'p>(
     policy: &'p EgressPolicy,

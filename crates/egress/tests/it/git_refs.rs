@@ -354,5 +354,31 @@ async fn a_broad_host_rule_does_not_widen_push_refs() {
         Some("git-ref-not-allowed")
     );
     assert!(result.body.contains("refs/heads/main"), "{}", result.body);
+
+    // The same body as a GET that asks to be read as a POST: the method does not take
+    // a request to a receive-pack endpoint out of the scope.
+    let result = curl(
+        &forge.gw.proxy_url(),
+        &[
+            "--cacert",
+            &forge.ca,
+            "-X",
+            "GET",
+            "-H",
+            "X-HTTP-Method-Override: POST",
+            "-H",
+            "Content-Encoding: gzip",
+            "--data-binary",
+            &format!("@{}", body_path.to_str().expect("utf8")),
+            "https://git.test/owner/name.git/git-receive-pack",
+        ],
+    )
+    .await;
+    assert_eq!(result.status, 403, "{}", result.body);
+    assert_eq!(
+        result.header("x-bot-bottle-block").as_deref(),
+        Some("git-ref-not-allowed")
+    );
+    assert_eq!(forge.served_ref("owner/name", "refs/heads/main"), Some(old));
     forge.gw.handle.shutdown().await;
 }
