@@ -698,4 +698,24 @@ mod tests {
         let argv = vec!["claude".to_owned(), "-p".to_owned(), "it's done".to_owned()];
         assert_eq!(shell_words(&argv), "claude -p 'it'\\''s done'");
     }
+
+    #[test]
+    fn the_preflight_shows_a_git_rule_s_push_refs() {
+        let mut rule = crate::policy::EgressRule::host("git.example");
+        rule.git = Some(crate::policy::GitRule {
+            repo: "owner/name".into(),
+            fetch: true,
+            push: true,
+            push_refs: vec!["refs/heads/bot-bottle/*".into(), "refs/tags/v*".into()],
+        });
+        assert_eq!(
+            rule_summary(&rule),
+            "git.example git owner/name fetch=true push=true push_refs=refs/heads/bot-bottle/*,refs/tags/v*"
+        );
+        rule.git.as_mut().expect("git").push_refs.clear();
+        assert_eq!(
+            rule_summary(&rule),
+            "git.example git owner/name fetch=true push=true"
+        );
+    }
 }
