@@ -23,13 +23,20 @@ struct Forge {
 
 impl Forge {
     async fn start(rules: &str) -> Forge {
+        Forge::start_with(rules, |root, work| {
+            bare_repo(root, work, "owner/name");
+            bare_repo(root, work, "owner/other");
+        })
+        .await
+    }
+
+    async fn start_with(rules: &str, repos: impl FnOnce(&Path, &Path)) -> Forge {
         let pki = TestPki::new();
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("repos");
         let work = dir.path().join("work");
         std::fs::create_dir_all(&work).expect("mkdir");
-        bare_repo(&root, &work, "owner/name");
-        bare_repo(&root, &work, "owner/other");
+        repos(&root, &work);
         let origin = tls_origin(&pki, &["git.test"], Some(git_backend(root.clone()))).await;
         let rules = policy(rules);
         let gitea = ResolvedCredential::with_value(
@@ -380,5 +387,126 @@ async fn a_broad_host_rule_does_not_widen_push_refs() {
         Some("git-ref-not-allowed")
     );
     assert_eq!(forge.served_ref("owner/name", "refs/heads/main"), Some(old));
+    forge.gw.handle.shutdown().await;
+}
+
+/// `root/owner/name.git` with SHA-256 object ids, push options advertised, one commit.
+fn sha256_repo(root: &Path, work: &Path) {
+    let bare = root.join("owner/name.git");
+    std::fs::create_dir_all(&bare).expect("mkdir");
+    git_ok(
+        &bare,
+        &[
+            "init",
+            "-q",
+            "--bare",
+            "--object-format=sha256",
+            "-b",
+            "main",
+        ],
+    );
+    git_ok(&bare, &["config", "http.receivepack", "true"]);
+    git_ok(&bare, &["config", "receive.advertisePushOptions", "true"]);
+    let seed = work.join("seed");
+    std::fs::create_dir_all(&seed).expect("mkdir");
+    git_ok(
+        &seed,
+        &["init", "-q", "--object-format=sha256", "-b", "main"],
+    );
+    std::fs::write(seed.join("README"), "hello\n").expect("write");
+    git_ok(&seed, &["add", "README"]);
+    git_ok(&seed, &["commit", "-q", "-m", "seed"]);
+    git_ok(&seed, &["push", "-q", bare.to_str().expect("utf8"), "main"]);
+}
+
+#[tokio::test]
+async fn sha256_ids_push_options_and_large_pushes_from_real_git_are_read() {
+    let forge = Forge::start_with(SCOPED, sha256_repo).await;
+    let checkout = forge.checkout().await;
+    let head = git_ok(&checkout, &["rev-parse", "HEAD"]).trim().to_string();
+    assert_eq!(head.len(), 64, "a SHA-256 repository: {head}");
+    let main_before = forge.served_ref("owner/name", "refs/heads/main");
+
+    // Push options follow the commands after their own flush.
+    forge
+        .git_ok(
+            &checkout,
+            &[
+                "push",
+                "-q",
+                "-o",
+                "ci.skip",
+                "origin",
+                "HEAD:bot-bottle/run-1",
+            ],
+        )
+        .await;
+    assert_eq!(
+        forge.served_ref("owner/name", "refs/heads/bot-bottle/run-1"),
+        Some(head)
+    );
+    forge
+        .git_refused(&checkout, &["push", "-o", "ci.skip", "origin", "HEAD:main"])
+        .await;
+    assert_eq!(
+        forge.served_ref("owner/name", "refs/heads/main"),
+        main_before
+    );
+
+    // Over `http.postBuffer` (1 MiB) git first sends a probe (a lone flush), then the
+    // push in chunks; both pass, and the push lands.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let noise: String = (0..(3 << 20) / 16)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            format!("{state:016x}")
+        })
+        .collect();
+    std::fs::write(checkout.join("big"), noise).expect("write");
+    git_ok(&checkout, &["add", "big"]);
+    git_ok(&checkout, &["commit", "-q", "-m", "big"]);
+    let head = git_ok(&checkout, &["rev-parse", "HEAD"]).trim().to_string();
+    forge
+        .git_ok(
+            &checkout,
+            &["push", "-q", "origin", "HEAD:bot-bottle/run-1"],
+        )
+        .await;
+    assert_eq!(
+        forge.served_ref("owner/name", "refs/heads/bot-bottle/run-1"),
+        Some(head)
+    );
+    forge
+        .git_refused(&checkout, &["push", "origin", "HEAD:main"])
+        .await;
+    assert_eq!(
+        forge.served_ref("owner/name", "refs/heads/main"),
+        main_before
+    );
+    let blocks = forge.push_blocks();
+    assert_eq!(blocks.len(), 2, "{blocks:?}");
+    let pushes: Vec<serde_json::Value> = traffic(&forge.gw.audit_path)
+        .into_iter()
+        .filter(|e| e["decision"] == "allow" && e["path"] == "/owner/name.git/git-receive-pack")
+        .collect();
+    assert!(
+        pushes.iter().any(|e| e["bytes_up"] == 4),
+        "the probe went through: {pushes:?}"
+    );
+    assert!(
+        pushes
+            .iter()
+            .any(|e| e["bytes_up"].as_u64().is_some_and(|n| n > 1 << 20)),
+        "the large push went through: {pushes:?}"
+    );
+    assert!(
+        blocks.iter().all(|e| e["reason"] == "git-ref-not-allowed"
+            && e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("refs/heads/main"))),
+        "{blocks:?}"
+    );
     forge.gw.handle.shutdown().await;
 }
