@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use bot_bottle_core::credential::{CredentialSource, CredentialSpec, Inject};
-use bot_bottle_egress::ResolvedCredential;
+use bot_bottle_egress::{GatewayConfig, OverCap, ResolvedCredential};
 
 use crate::clients::{GIT_TOKEN, bare_repo, git_backend, git_ok, run};
-use crate::support::{TestGateway, TestPki, curl, policy, tls_gateway, tls_origin, traffic};
+use crate::support::{TestGateway, TestPki, curl, policy, tls_gateway_with, tls_origin, traffic};
 
 const SCOPED: &str = "audit: all\nrules:\n  - host: git.test\n    git: {repo: owner/name, fetch: true, push: true, push_refs: [\"refs/heads/bot-bottle/*\"]}\n";
 
@@ -23,14 +23,22 @@ struct Forge {
 
 impl Forge {
     async fn start(rules: &str) -> Forge {
-        Forge::start_with(rules, |root, work| {
-            bare_repo(root, work, "owner/name");
-            bare_repo(root, work, "owner/other");
-        })
+        Forge::start_with(
+            rules,
+            |root, work| {
+                bare_repo(root, work, "owner/name");
+                bare_repo(root, work, "owner/other");
+            },
+            |_| {},
+        )
         .await
     }
 
-    async fn start_with(rules: &str, repos: impl FnOnce(&Path, &Path)) -> Forge {
+    async fn start_with(
+        rules: &str,
+        repos: impl FnOnce(&Path, &Path),
+        tweak: impl FnOnce(&mut GatewayConfig),
+    ) -> Forge {
         let pki = TestPki::new();
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("repos");
@@ -54,7 +62,8 @@ impl Forge {
         )
         .expect("credential");
         let placeholder = gitea.placeholder().to_string();
-        let (gw, ca) = tls_gateway(rules, &[("git.test", origin)], &pki, vec![gitea]).await;
+        let (gw, ca) =
+            tls_gateway_with(rules, &[("git.test", origin)], &pki, vec![gitea], tweak).await;
         let git_config = vec![
             "-c".to_string(),
             format!("http.proxy={}", gw.proxy_url()),
@@ -421,7 +430,7 @@ fn sha256_repo(root: &Path, work: &Path) {
 
 #[tokio::test]
 async fn sha256_ids_push_options_and_large_pushes_from_real_git_are_read() {
-    let forge = Forge::start_with(SCOPED, sha256_repo).await;
+    let forge = Forge::start_with(SCOPED, sha256_repo, |_| {}).await;
     let checkout = forge.checkout().await;
     let head = git_ok(&checkout, &["rev-parse", "HEAD"]).trim().to_string();
     assert_eq!(head.len(), 64, "a SHA-256 repository: {head}");
@@ -455,18 +464,7 @@ async fn sha256_ids_push_options_and_large_pushes_from_real_git_are_read() {
 
     // Over `http.postBuffer` (1 MiB) git first sends a probe (a lone flush), then the
     // push in chunks; both pass, and the push lands.
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    let noise: String = (0..(3 << 20) / 16)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            format!("{state:016x}")
-        })
-        .collect();
-    std::fs::write(checkout.join("big"), noise).expect("write");
-    git_ok(&checkout, &["add", "big"]);
-    git_ok(&checkout, &["commit", "-q", "-m", "big"]);
+    commit_big(&checkout);
     let head = git_ok(&checkout, &["rev-parse", "HEAD"]).trim().to_string();
     forge
         .git_ok(
@@ -508,5 +506,60 @@ async fn sha256_ids_push_options_and_large_pushes_from_real_git_are_read() {
                 .is_some_and(|d| d.contains("refs/heads/main"))),
         "{blocks:?}"
     );
+    forge.gw.handle.shutdown().await;
+}
+
+/// Commits about 3 MiB of hex noise (a pack of about 1.5 MiB, over `http.postBuffer`).
+fn commit_big(checkout: &Path) {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let noise: String = (0..(3 << 20) / 16)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            format!("{state:016x}")
+        })
+        .collect();
+    std::fs::write(checkout.join("big"), noise).expect("write");
+    git_ok(checkout, &["add", "big"]);
+    git_ok(checkout, &["commit", "-q", "-m", "big"]);
+}
+
+#[tokio::test]
+async fn a_push_over_the_scan_cap_is_judged_from_its_start() {
+    // The gateway buffers 64 KiB and passes the rest unscanned: the commands come first.
+    let forge = Forge::start_with(
+        SCOPED,
+        |root, work| bare_repo(root, work, "owner/name"),
+        |config| {
+            config.dlp_body_cap = 64 << 10;
+            config.dlp_over_cap = OverCap::Pass;
+        },
+    )
+    .await;
+    let checkout = forge.checkout().await;
+    commit_big(&checkout);
+    let head = git_ok(&checkout, &["rev-parse", "HEAD"]).trim().to_string();
+    let main_before = forge.served_ref("owner/name", "refs/heads/main");
+    forge
+        .git_ok(
+            &checkout,
+            &["push", "-q", "origin", "HEAD:bot-bottle/run-1"],
+        )
+        .await;
+    assert_eq!(
+        forge.served_ref("owner/name", "refs/heads/bot-bottle/run-1"),
+        Some(head)
+    );
+    forge
+        .git_refused(&checkout, &["push", "origin", "HEAD:main"])
+        .await;
+    assert_eq!(
+        forge.served_ref("owner/name", "refs/heads/main"),
+        main_before
+    );
+    let blocks = forge.push_blocks();
+    assert_eq!(blocks.len(), 1, "{blocks:?}");
+    assert_eq!(blocks[0]["reason"], "git-ref-not-allowed");
     forge.gw.handle.shutdown().await;
 }
