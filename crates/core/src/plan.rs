@@ -509,6 +509,9 @@ fn rule_summary(rule: &crate::policy::EgressRule) -> String {
             " git {} fetch={} push={}",
             git.repo, git.fetch, git.push
         );
+        if !git.push_refs.is_empty() {
+            let _ = write!(out, " push_refs={}", git.push_refs.join(","));
+        }
     }
     if rule.passthrough {
         out.push_str(" (passthrough: not intercepted)");
@@ -694,5 +697,25 @@ mod tests {
     fn shell_words_quotes_only_when_needed() {
         let argv = vec!["claude".to_owned(), "-p".to_owned(), "it's done".to_owned()];
         assert_eq!(shell_words(&argv), "claude -p 'it'\\''s done'");
+    }
+
+    #[test]
+    fn the_preflight_shows_a_git_rule_s_push_refs() {
+        let mut rule = crate::policy::EgressRule::host("git.example");
+        rule.git = Some(crate::policy::GitRule {
+            repo: "owner/name".into(),
+            fetch: true,
+            push: true,
+            push_refs: vec!["refs/heads/bot-bottle/*".into(), "refs/tags/v*".into()],
+        });
+        assert_eq!(
+            rule_summary(&rule),
+            "git.example git owner/name fetch=true push=true push_refs=refs/heads/bot-bottle/*,refs/tags/v*"
+        );
+        rule.git.as_mut().expect("git").push_refs.clear();
+        assert_eq!(
+            rule_summary(&rule),
+            "git.example git owner/name fetch=true push=true"
+        );
     }
 }

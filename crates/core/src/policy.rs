@@ -108,6 +108,13 @@ pub struct GitRule {
     pub fetch: bool,
     #[serde(default)]
     pub push: bool,
+    /// Globs over full ref names (`refs/heads/bot-bottle/*`) that a push may create or
+    /// update. When any git rule for a repository sets them, the gateway reads the
+    /// ref-update commands of every push to it and refuses the whole push if one command
+    /// deletes a ref, names a ref no glob matches, or names a tag no `refs/tags/` glob
+    /// names. Empty means `push: true` allows any ref.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub push_refs: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -292,6 +299,14 @@ pub enum PolicyError {
     BadGlob { index: usize, glob: String },
     #[error("egress rule {index}: git repo `{repo}` is not `owner/name`")]
     BadGitRepo { index: usize, repo: String },
+    #[error(
+        "egress rule {index}: git push_refs glob `{glob}` is not a ref glob\nhint: write a full ref name glob starting with `refs/`, e.g. `refs/heads/bot-bottle/*`"
+    )]
+    BadPushRef { index: usize, glob: String },
+    #[error(
+        "egress rule {index}: git push_refs is set but push is not\nhint: add `push: true` to the git rule, or drop `push_refs`"
+    )]
+    PushRefsWithoutPush { index: usize },
     #[error("egress rule {index}: `{field}` cannot be combined with `{other}`\nhint: {hint}")]
     Conflict {
         index: usize,
@@ -516,6 +531,15 @@ impl EgressRule {
                     repo: git.repo.clone(),
                 });
             }
+            if !git.push_refs.is_empty() && !git.push {
+                return Err(PolicyError::PushRefsWithoutPush { index });
+            }
+            if let Some(glob) = git.push_refs.iter().find(|glob| !push_ref_glob_ok(glob)) {
+                return Err(PolicyError::BadPushRef {
+                    index,
+                    glob: glob.clone(),
+                });
+            }
             if !self.paths.is_empty() || !self.methods.is_empty() {
                 return Err(PolicyError::Conflict {
                     index,
@@ -604,6 +628,97 @@ impl GitRule {
             GitService::Push => Err(Reason::GitPushNotAllowed),
         }
     }
+}
+
+/// A `push_refs` glob: a ref name under `refs/` with `*` and `?` as wildcards, and
+/// nothing git would refuse in a ref name besides them (no `..`, `//`, control
+/// characters, spaces, `~^:[\`, `@{`).
+fn push_ref_glob_ok(glob: &str) -> bool {
+    glob.len() > "refs/".len()
+        && glob.starts_with("refs/")
+        && !glob.contains("..")
+        && !glob.contains("//")
+        && !glob.contains("@{")
+        && glob
+            .bytes()
+            .all(|b| b > b' ' && b != 0x7f && !b"~^:[\\".contains(&b))
+}
+
+/// Which refs a `git-receive-pack` request may update, as the gateway must enforce it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushScope<'a> {
+    /// Not a push that any `push_refs` binds: decided by the rules alone.
+    Unrestricted,
+    /// The union of the `push_refs` of every git rule for this host, port and
+    /// repository (none, for a path no git rule can attribute); every ref-update command
+    /// must fit them.
+    Refs(Vec<&'a str>),
+}
+
+impl EgressPolicy {
+    /// The ref scope of a request: [`PushScope::Refs`] when it is a smart-HTTP
+    /// `git-receive-pack` request to a repository that some git rule for the same host and
+    /// port restricts with `push_refs`. Such a rule binds every push to that repository,
+    /// whichever rule allowed the request (a broad host rule, or a git rule without
+    /// `push_refs`), so adding a rule never widens it. Repositories are compared without
+    /// ASCII case or a `.git` suffix. A request whose decoded path ends in
+    /// `git-receive-pack` but names no repository a git rule could match (an encoded
+    /// name, an empty segment, a trailing slash), to a host where some git rule sets
+    /// `push_refs`, is held to no ref at all: an origin might still route it to one.
+    /// The method does not matter (a method-override header could make a `GET` a push).
+    #[must_use]
+    pub fn push_scope(&self, facts: &RequestFacts<'_>) -> PushScope<'_> {
+        let decoded = percent_decode(facts.path.as_bytes());
+        let endpoint = decoded
+            .split(|&b| b == b'/')
+            .rfind(|segment| !segment.is_empty());
+        if !endpoint.is_some_and(|e| e.eq_ignore_ascii_case(b"git-receive-pack")) {
+            return PushScope::Unrestricted;
+        }
+        let as_post = RequestFacts {
+            method: "POST",
+            ..*facts
+        };
+        let repo = match git_request(&as_post) {
+            Some((repo, GitService::Push)) => Some(repo),
+            _ => None,
+        };
+        let mut restricted = false;
+        let mut globs: Vec<&str> = Vec::new();
+        let git_rules = self
+            .rules
+            .iter()
+            .filter(|rule| host_matches(&rule.host, facts.host) && rule.port_matches(facts.port))
+            .filter_map(|rule| rule.git.as_ref())
+            .filter(|git| !git.push_refs.is_empty());
+        for git in git_rules {
+            match repo {
+                Some(repo) if same_repo(&git.repo, repo) => {
+                    restricted = true;
+                    globs.extend(git.push_refs.iter().map(String::as_str));
+                }
+                Some(_) => {}
+                None => restricted = true,
+            }
+        }
+        if restricted {
+            PushScope::Refs(globs)
+        } else {
+            PushScope::Unrestricted
+        }
+    }
+}
+
+/// Repository names as a forge reads them: ASCII case and one `.git` suffix aside.
+fn same_repo(a: &str, b: &str) -> bool {
+    let key = |repo: &str| {
+        let lower = repo.to_ascii_lowercase();
+        lower
+            .strip_suffix(".git")
+            .map(str::to_owned)
+            .unwrap_or(lower)
+    };
+    key(a) == key(b)
 }
 
 fn repo_matches(rule_repo: &str, request_repo: &str) -> bool {
@@ -850,7 +965,8 @@ rules:
             Some(GitRule {
                 repo: "owner/name".into(),
                 fetch: true,
-                push: false
+                push: false,
+                push_refs: Vec::new(),
             })
         );
         assert_eq!(
@@ -858,7 +974,8 @@ rules:
             Some(GitRule {
                 repo: "owner/scratch".into(),
                 fetch: true,
-                push: true
+                push: true,
+                push_refs: Vec::new(),
             })
         );
         assert_eq!(policy.validate(), Ok(()));
@@ -1297,6 +1414,7 @@ rules:
                 repo: repo.into(),
                 fetch: true,
                 push: false,
+                push_refs: Vec::new(),
             })
         };
         assert!(matches!(
@@ -1337,6 +1455,162 @@ rules:
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn push_refs_are_validated_with_hints() {
+        let rule = |push: bool, globs: &[&str]| EgressPolicy {
+            rules: vec![EgressRule {
+                git: Some(GitRule {
+                    repo: "owner/name".into(),
+                    fetch: true,
+                    push,
+                    push_refs: globs.iter().map(|g| (*g).to_string()).collect(),
+                }),
+                ..EgressRule::host("git.example")
+            }],
+            ..EgressPolicy::default()
+        };
+        assert_eq!(rule(true, &["refs/heads/bot-bottle/*"]).validate(), Ok(()));
+        assert_eq!(
+            rule(true, &["refs/heads/a", "refs/tags/v?"]).validate(),
+            Ok(())
+        );
+        let err = rule(false, &["refs/heads/bot-bottle/*"])
+            .validate()
+            .expect_err("push_refs needs push");
+        assert_eq!(err, PolicyError::PushRefsWithoutPush { index: 0 });
+        assert!(err.to_string().contains("hint: add `push: true`"), "{err}");
+        for glob in [
+            "",
+            "refs/",
+            "heads/main",
+            "*",
+            "/refs/heads/x",
+            "refs/heads/../x",
+            "refs/heads//x",
+            "refs/heads/a b",
+            "refs/heads/x\ty",
+            "refs/heads/x\\y",
+            "refs/heads/x:y",
+            "refs/heads/x@{1}",
+            "refs/heads/[ab]",
+        ] {
+            let err = rule(true, &["refs/heads/ok", glob])
+                .validate()
+                .expect_err(glob);
+            assert_eq!(
+                err,
+                PolicyError::BadPushRef {
+                    index: 0,
+                    glob: glob.to_string()
+                }
+            );
+            assert!(err.to_string().contains("hint: "), "{err}");
+        }
+        let parsed: EgressPolicy = serde_saphyr::from_str(
+            "rules:\n  - host: git.example\n    git: {repo: owner/name, push: true, push_refs: [\"refs/heads/bot-bottle/*\"]}\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            parsed.rules[0].git.as_ref().map(|g| g.push_refs.clone()),
+            Some(vec!["refs/heads/bot-bottle/*".to_string()])
+        );
+        assert_eq!(parsed.validate(), Ok(()));
+    }
+
+    #[test]
+    fn push_scope_binds_every_push_to_a_restricted_repo() {
+        let policy: EgressPolicy = serde_saphyr::from_str(
+            r#"
+rules:
+  - host: git.example
+    git: {repo: owner/name, push: true, push_refs: ["refs/heads/bot-bottle/*"]}
+  - host: git.example
+    git: {repo: owner/name, push: true, push_refs: ["refs/heads/other/*"]}
+  - host: git.example
+    git: {repo: owner/name, push: true}
+  - host: git.example
+    git: {repo: owner/free, push: true}
+  - host: "*.example"
+"#,
+        )
+        .expect("parses");
+        assert_eq!(policy.validate(), Ok(()));
+        let scope = |method: &'static str, path: &'static str| {
+            policy.push_scope(&facts("git.example", method, path, None))
+        };
+        let both = PushScope::Refs(vec!["refs/heads/bot-bottle/*", "refs/heads/other/*"]);
+        // Every spelling of the repository, whichever rule allows the request.
+        assert_eq!(scope("POST", "/owner/name.git/git-receive-pack"), both);
+        assert_eq!(scope("post", "/Owner/Name/git-receive-pack"), both);
+        // Whatever the method: an override header could make it a POST.
+        assert_eq!(scope("GET", "/owner/name.git/git-receive-pack"), both);
+        assert_eq!(scope("PUT", "/owner/name/git-receive-pack"), both);
+        // Fetches, the ref advertisement and other repositories are not bound.
+        assert_eq!(
+            scope("POST", "/owner/name.git/git-upload-pack"),
+            PushScope::Unrestricted
+        );
+        assert_eq!(
+            policy.push_scope(&facts(
+                "git.example",
+                "GET",
+                "/owner/name.git/info/refs",
+                Some("service=git-receive-pack")
+            )),
+            PushScope::Unrestricted
+        );
+        assert_eq!(
+            scope("POST", "/owner/free.git/git-receive-pack"),
+            PushScope::Unrestricted
+        );
+        // Another host or port is another forge.
+        assert_eq!(
+            policy.push_scope(&facts(
+                "other.example",
+                "POST",
+                "/owner/name.git/git-receive-pack",
+                None
+            )),
+            PushScope::Unrestricted
+        );
+        let mut on_port = facts(
+            "git.example",
+            "POST",
+            "/owner/name.git/git-receive-pack",
+            None,
+        );
+        on_port.port = 8443;
+        assert_eq!(policy.push_scope(&on_port), PushScope::Unrestricted);
+        // Spellings a forge may route to the same repository.
+        assert_eq!(scope("POST", "/OWNER/NAME.GIT/git-receive-pack"), both);
+        // Paths the broad rule allows but no git rule can attribute to a repository:
+        // held to no ref at all.
+        for path in [
+            "/owner/na%6de.git/git-receive-pack",
+            "/owner/name.git//git-receive-pack",
+            "/owner/name.git/git-receive-pack/",
+            "/owner/name.git/git-receive-pac%6b",
+            "/owner/name.git/GIT-RECEIVE-PACK",
+            "/git-receive-pack",
+        ] {
+            assert_eq!(scope("POST", path), PushScope::Refs(Vec::new()), "{path}");
+        }
+        // A host without any push_refs rule keeps today's behaviour.
+        let free: EgressPolicy = serde_saphyr::from_str(
+            "rules:\n  - host: git.example\n  - host: git.example\n    git: {repo: owner/name, push: true}\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            free.push_scope(&facts(
+                "git.example",
+                "POST",
+                "/owner/na%6de/git-receive-pack",
+                None
+            )),
+            PushScope::Unrestricted
+        );
     }
 
     #[test]

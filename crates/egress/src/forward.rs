@@ -208,6 +208,16 @@ pub(crate) async fn process(
         None,
     );
 
+    // A push held to a git rule's `push_refs` keeps the body's start for `gitpush::check`.
+    let push_globs = crate::gitpush::scope(
+        &policy,
+        &parts.method,
+        &target.host,
+        target.port,
+        &parts.uri,
+    );
+    let mut git_head: Option<Bytes> = None;
+
     let cap = scanner.max_decoded();
     let up = Arc::new(AtomicU64::new(0));
     let mut body_problem: Option<(&'static str, String)> = None;
@@ -267,6 +277,9 @@ pub(crate) async fn process(
                 return response;
             }
             Ok(Ok(Collected::Whole(bytes, memory))) => {
+                if push_globs.is_some() {
+                    git_head = Some(bytes.clone());
+                }
                 match scan_off_workers(
                     &shared,
                     bytes.clone(),
@@ -303,6 +316,9 @@ pub(crate) async fn process(
                 Metered::new(full_body(bytes), counted, move || drop(memory)).boxed_unsync()
             }
             Ok(Ok(Collected::Over(prefix, rest, memory))) => {
+                if push_globs.is_some() {
+                    git_head = Some(prefix.clone());
+                }
                 if shared.over_cap == OverCap::Block {
                     body_problem = Some((
                         "dlp-body-too-large",
@@ -377,6 +393,32 @@ pub(crate) async fn process(
         shared.record(draft);
         return block_response(reason, &detail);
     }
+
+    // Git push scope: every ref-update command must fit the rule's `push_refs`, or the
+    // whole push is refused before a byte of it goes upstream.
+    if let Some(globs) = &push_globs {
+        let encodings: Vec<&[u8]> = parts
+            .headers
+            .get_all(header::CONTENT_ENCODING)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        match crate::gitpush::check(globs, git_head.as_deref().unwrap_or_default(), &encodings) {
+            Ok(refs) => {
+                draft.detail.get_or_insert(refs);
+            }
+            Err(refusal) => {
+                draft.decision = AuditDecision::Block;
+                draft.reason = refusal.reason.into();
+                draft.status = Some(403);
+                draft.detail = Some(refusal.detail.clone());
+                draft.duration_ms = elapsed_ms(started);
+                shared.record(draft);
+                return block_response(refusal.reason, &refusal.detail);
+            }
+        }
+    }
+    drop(git_head);
 
     let injected: Vec<&ResolvedCredential> = match route {
         Route::Plain => Vec::new(),

@@ -9,6 +9,7 @@ mod custody;
 pub mod dlp;
 mod forward;
 mod gateway;
+mod gitpush;
 mod mitm;
 mod timer;
 pub mod tls;

@@ -12,9 +12,9 @@ use hyper::{Request, Response};
 
 use crate::support::{Handler, TestPki, policy, tls_gateway, tls_origin, traffic};
 
-const GIT_TOKEN: &str = "gitea-real-token-5f0c2b7e9a1d4c3b8e6f";
+pub(crate) const GIT_TOKEN: &str = "gitea-real-token-5f0c2b7e9a1d4c3b8e6f";
 
-fn run(dir: &Path, args: &[&str]) -> std::process::Output {
+pub(crate) fn run(dir: &Path, args: &[&str]) -> std::process::Output {
     std::process::Command::new("git")
         .args(args)
         .current_dir(dir)
@@ -35,7 +35,7 @@ fn run(dir: &Path, args: &[&str]) -> std::process::Output {
         .expect("git runs")
 }
 
-fn git_ok(dir: &Path, args: &[&str]) -> String {
+pub(crate) fn git_ok(dir: &Path, args: &[&str]) -> String {
     let out = run(dir, args);
     assert!(
         out.status.success(),
@@ -46,7 +46,7 @@ fn git_ok(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A bare repository at `root/owner/name.git` with one commit, pushable over HTTP.
-fn bare_repo(root: &Path, work: &Path, repo: &str) {
+pub(crate) fn bare_repo(root: &Path, work: &Path, repo: &str) {
     let bare = root.join(format!("{repo}.git"));
     std::fs::create_dir_all(&bare).expect("mkdir");
     git_ok(&bare, &["init", "-q", "--bare", "-b", "main"]);
@@ -62,7 +62,7 @@ fn bare_repo(root: &Path, work: &Path, repo: &str) {
 
 /// `git http-backend` as a CGI behind the loopback origin. It answers 401 unless the
 /// request carries the real token, so a passing clone proves injection worked.
-fn git_backend(root: std::path::PathBuf) -> Handler {
+pub(crate) fn git_backend(root: std::path::PathBuf) -> Handler {
     let expected = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("bot:{GIT_TOKEN}"))

@@ -9,6 +9,7 @@ mod custody;
 mod disk_full;
 mod dlp_cases;
 mod dlp_rules;
+mod git_refs;
 mod holes;
 mod limits;
 mod mitm;
