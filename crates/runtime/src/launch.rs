@@ -725,7 +725,7 @@ pub async fn launch(
     let session_number = u64::from(metadata.sessions) + 1;
     let started = now();
     let head_before = match &plan.workspace {
-        Workspace::Bind { host } => crate::provenance::workspace_head(host).await,
+        Workspace::Bind { host } => crate::provenance::workspace_head(host, git_uid(&plan)).await,
         Workspace::Copy { .. } => None,
     };
     let result = run_session(spec, &plan, &bottle, &engine, options, &mut metadata).await;
@@ -823,6 +823,12 @@ struct SessionFacts<'a> {
     head_before: Option<String>,
 }
 
+/// The uid `git` runs as on the workspace: the agent's when this process is root (see
+/// `provenance::git`), else this process's own (which is the agent's).
+fn git_uid(plan: &BottlePlan) -> Option<u32> {
+    nix::unistd::getuid().is_root().then_some(plan.agent_uid)
+}
+
 fn rfc3339(at: OffsetDateTime) -> String {
     at.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
@@ -864,12 +870,13 @@ async fn record_provenance(
     };
     let mut commits = Vec::new();
     if let Workspace::Bind { host } = &plan.workspace
-        && let Some(after) = prov::workspace_head(host).await
+        && let Some(after) = prov::workspace_head(host, git_uid(plan)).await
         && session.head_before.as_deref() != Some(after.as_str())
     {
-        commits = prov::commits_between(host, session.head_before.as_deref(), &after)
-            .await
-            .unwrap_or_default();
+        commits =
+            prov::commits_between(host, git_uid(plan), session.head_before.as_deref(), &after)
+                .await
+                .unwrap_or_default();
     }
     let (exit_code, outcome) = match result {
         Ok(code) => (Some(*code), "exited"),

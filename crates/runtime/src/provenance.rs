@@ -212,7 +212,10 @@ fn collect_files(
 /// every transport refused and lazy fetching off, a partial clone cannot make them
 /// reach out. System and global config are not read. A `.git` that is a file (a
 /// `gitdir:` pointer elsewhere) or a symlink is not followed: no subject from it.
-async fn git(workspace: &Path, args: &[&str]) -> Option<String> {
+/// When this process is root, `git` runs as `run_as` (the agent's uid, which owns the
+/// workspace): git's ownership check then passes without being turned off, and
+/// nothing runs as root in a directory the agent wrote.
+async fn git(workspace: &Path, run_as: Option<u32>, args: &[&str]) -> Option<String> {
     let git_dir = workspace.join(".git");
     if !std::fs::symlink_metadata(&git_dir).is_ok_and(|m| m.is_dir()) {
         return None;
@@ -243,6 +246,9 @@ async fn git(workspace: &Path, args: &[&str]) -> Option<String> {
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true);
+    if let Some(uid) = run_as {
+        command.uid(uid).gid(uid);
+    }
     let output = tokio::time::timeout(GIT_TIMEOUT, command.output())
         .await
         .ok()?
@@ -258,9 +264,10 @@ fn is_commit_id(text: &str) -> bool {
 }
 
 /// The commit the workspace's `HEAD` names, if it is a git repository with one.
-pub async fn workspace_head(workspace: &Path) -> Option<String> {
+pub async fn workspace_head(workspace: &Path, run_as: Option<u32>) -> Option<String> {
     let out = git(
         workspace,
+        run_as,
         &["rev-parse", "--verify", "--quiet", "HEAD^{commit}"],
     )
     .await?;
@@ -273,6 +280,7 @@ pub async fn workspace_head(workspace: &Path) -> Option<String> {
 /// extra one tells the caller there were more).
 pub async fn commits_between(
     workspace: &Path,
+    run_as: Option<u32>,
     before: Option<&str>,
     after: &str,
 ) -> Option<Vec<String>> {
@@ -284,7 +292,7 @@ pub async fn commits_between(
         Some(before) => format!("{before}..{after}"),
         None => after.to_owned(),
     };
-    let out = git(workspace, &["rev-list", &limit, &range, "--"]).await?;
+    let out = git(workspace, run_as, &["rev-list", &limit, &range, "--"]).await?;
     Some(
         out.lines()
             .map(str::trim)
@@ -581,15 +589,15 @@ mod tests {
     async fn commits_of_a_session_come_from_the_workspace_history() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ws = dir.path();
-        assert_eq!(None, workspace_head(ws).await, "not a repository");
+        assert_eq!(None, workspace_head(ws, None).await, "not a repository");
         git_cmd(ws, &["init", "-q"]);
-        assert_eq!(None, workspace_head(ws).await, "no commit yet");
+        assert_eq!(None, workspace_head(ws, None).await, "no commit yet");
         git_cmd(ws, &["commit", "-q", "--allow-empty", "-m", "base"]);
-        let before = workspace_head(ws).await.expect("head");
+        let before = workspace_head(ws, None).await.expect("head");
         git_cmd(ws, &["commit", "-q", "--allow-empty", "-m", "one"]);
         git_cmd(ws, &["commit", "-q", "--allow-empty", "-m", "two"]);
-        let after = workspace_head(ws).await.expect("head");
-        let commits = commits_between(ws, Some(&before), &after)
+        let after = workspace_head(ws, None).await.expect("head");
+        let commits = commits_between(ws, None, Some(&before), &after)
             .await
             .expect("rev-list");
         assert_eq!(2, commits.len());
@@ -597,10 +605,10 @@ mod tests {
         assert!(!commits.contains(&before));
         assert_eq!(
             Some(vec![]),
-            commits_between(ws, Some(&after), &after).await
+            commits_between(ws, None, Some(&after), &after).await
         );
         // Not commit ids: refused before git sees them (no option injection).
-        assert_eq!(None, commits_between(ws, Some("--all"), &after).await);
+        assert_eq!(None, commits_between(ws, None, Some("--all"), &after).await);
     }
 
     #[tokio::test]
@@ -610,7 +618,7 @@ mod tests {
         std::fs::create_dir(&real).expect("mkdir");
         git_cmd(&real, &["init", "-q"]);
         git_cmd(&real, &["commit", "-q", "--allow-empty", "-m", "base"]);
-        assert!(workspace_head(&real).await.is_some());
+        assert!(workspace_head(&real, None).await.is_some());
         let pointer = dir.path().join("pointer");
         std::fs::create_dir(&pointer).expect("mkdir");
         std::fs::write(
@@ -618,11 +626,11 @@ mod tests {
             format!("gitdir: {}\n", real.join(".git").display()),
         )
         .expect("write");
-        assert_eq!(None, workspace_head(&pointer).await);
+        assert_eq!(None, workspace_head(&pointer, None).await);
         let linked = dir.path().join("linked");
         std::fs::create_dir(&linked).expect("mkdir");
         std::os::unix::fs::symlink(real.join(".git"), linked.join(".git")).expect("symlink");
-        assert_eq!(None, workspace_head(&linked).await);
+        assert_eq!(None, workspace_head(&linked, None).await);
     }
 
     #[tokio::test]
@@ -650,8 +658,10 @@ mod tests {
         let s = script.display().to_string();
         git_cmd(&ws, &["config", "core.fsmonitor", &s]);
         git_cmd(&ws, &["config", "core.pager", &s]);
-        let head = workspace_head(&ws).await.expect("head");
-        commits_between(&ws, None, &head).await.expect("rev-list");
+        let head = workspace_head(&ws, None).await.expect("head");
+        commits_between(&ws, None, None, &head)
+            .await
+            .expect("rev-list");
         assert!(!marker.exists(), "a program from the repository ran");
     }
 }
