@@ -728,6 +728,10 @@ pub async fn launch(
         Workspace::Bind { host } => crate::provenance::workspace_head(host, git_uid(&plan)).await,
         Workspace::Copy { .. } => None,
     };
+    let seq_at_start = bot_bottle_egress::audit::read_head(&bottle.egress_log())
+        .ok()
+        .flatten()
+        .map_or(0, |head| head.seq);
     let result = run_session(spec, &plan, &bottle, &engine, options, &mut metadata).await;
     let finished = now();
     metadata.updated_at = now();
@@ -752,6 +756,7 @@ pub async fn launch(
         started,
         finished,
         head_before,
+        seq_at_start,
     };
     let written = record_provenance(&engine, options, &bottle, &session, &result).await;
     let (mut provenance, provenance_error) = match written {
@@ -821,6 +826,8 @@ struct SessionFacts<'a> {
     finished: OffsetDateTime,
     /// The bind-mounted workspace's `HEAD` before the session.
     head_before: Option<String>,
+    /// The audit log's head sequence number before the session (0 for a new log).
+    seq_at_start: u64,
 }
 
 /// The uid `git` runs as on the workspace: the agent's when this process is root (see
@@ -855,7 +862,7 @@ async fn record_provenance(
             seq: head.seq,
             hash: head.hash,
         });
-    let tally = prov::tally_audit(&log)
+    let tally = prov::tally_audit(&log, session.seq_at_start)
         .map_err(|err| format!("cannot read the audit log `{}`: {err}", log.display()))?;
     let manifests_digest = prov::manifests_digest(&manifest_snapshot(bottle))
         .map_err(|err| format!("cannot read the manifest snapshot: {err}"))?;

@@ -63,12 +63,13 @@ impl<R: std::io::Read> std::io::Read for Hashing<R> {
     }
 }
 
-/// Counts the events of the log at `path`, streaming (see [`tally_reader`]); `None`
-/// when there is no log.
+/// Counts the events of the log at `path` numbered after `after_seq` (the head when the
+/// session started: a resumed bottle's log holds every session), streaming (see
+/// [`tally_reader`]); the digest covers the whole file. `None` when there is no log.
 ///
 /// # Errors
 /// The log exists but cannot be read.
-pub fn tally_audit(path: &Path) -> std::io::Result<Option<AuditTally>> {
+pub fn tally_audit(path: &Path, after_seq: u64) -> std::io::Result<Option<AuditTally>> {
     let file = match std::fs::File::open(path) {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -78,7 +79,7 @@ pub fn tally_audit(path: &Path) -> std::io::Result<Option<AuditTally>> {
         inner: file,
         hasher: Sha256::new(),
     });
-    let (summary, dlp_findings) = tally_reader(&mut reader)?;
+    let (summary, dlp_findings) = tally_reader(&mut reader, after_seq)?;
     let hashing = reader.into_inner();
     Ok(Some(AuditTally {
         summary,
@@ -87,19 +88,23 @@ pub fn tally_audit(path: &Path) -> std::io::Result<Option<AuditTally>> {
     }))
 }
 
-/// Counts request and CONNECT events (allowed and blocked, in all and per host), the
+/// Counts, among the events numbered after `after_seq`, request and CONNECT events (allowed and blocked, in all and per host), the
 /// blocks a rate-limit summary stands for, tripwire attempts, unreadable lines and DLP
 /// findings. Memory is bounded: past [`MAX_SUMMARY_HOSTS`] hosts, the rest are counted
 /// under [`OTHER_HOSTS`].
 ///
 /// # Errors
 /// A read error.
-pub fn tally_reader<R: BufRead>(reader: R) -> std::io::Result<(EgressSummary, u64)> {
+pub fn tally_reader<R: BufRead>(
+    reader: R,
+    after_seq: u64,
+) -> std::io::Result<(EgressSummary, u64)> {
     let mut summary = EgressSummary::default();
     let mut dlp_findings = 0u64;
     for entry in read_entries(reader) {
         let event = match entry? {
-            Entry::Event { event, .. } => event,
+            Entry::Event { event, .. } if event.seq > after_seq => event,
+            Entry::Event { .. } => continue,
             Entry::Bad(_) => {
                 summary.unreadable_lines += 1;
                 continue;
@@ -438,7 +443,7 @@ mod tests {
         text.push_str("{not an event\n");
         std::fs::write(&path, &text).expect("write");
 
-        let tally = tally_audit(&path).expect("tally").expect("a log");
+        let tally = tally_audit(&path, 0).expect("tally").expect("a log");
         assert_eq!(5, tally.summary.requests, "{:?}", tally.summary);
         assert_eq!(3, tally.summary.allowed);
         assert_eq!(2, tally.summary.blocked);
@@ -475,9 +480,24 @@ mod tests {
             tally.summary.hosts
         );
         assert_eq!(sha256_digest(text.as_bytes()), tally.digest);
+
+        // A resumed session counts only what came after the head it started from (the
+        // first five events: the gateway start and the three allowed requests and the
+        // DLP block), while the digest still covers the whole log.
+        let later = tally_audit(&path, 5).expect("tally").expect("a log");
+        assert_eq!(1, later.summary.requests, "{:?}", later.summary);
+        assert_eq!(0, later.summary.allowed);
+        assert_eq!(1, later.summary.blocked);
+        assert_eq!(40, later.summary.held);
+        assert_eq!(0, later.dlp_findings);
+        assert_eq!(
+            vec!["evil.example.test"],
+            later.summary.hosts.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(tally.digest, later.digest);
         assert_eq!(
             None,
-            tally_audit(&dir.path().join("missing.jsonl")).expect("no log")
+            tally_audit(&dir.path().join("missing.jsonl"), 0).expect("no log")
         );
     }
 
@@ -496,7 +516,7 @@ mod tests {
             text.push_str(&event.to_string());
             text.push('\n');
         }
-        let (summary, _) = tally_reader(text.as_bytes()).expect("tally");
+        let (summary, _) = tally_reader(text.as_bytes(), 0).expect("tally");
         assert_eq!(n as u64, summary.blocked);
         assert_eq!(MAX_SUMMARY_HOSTS + 1, summary.hosts.len());
         assert_eq!(500, summary.hosts[OTHER_HOSTS].blocked);
@@ -572,6 +592,49 @@ mod tests {
                 .annotations
                 .contains_key("truncated")
         );
+    }
+
+    #[test]
+    fn envelopes_are_written_as_latest_and_history_privately_and_failures_are_errors() {
+        use bot_bottle_core::provenance::{Envelope, EnvelopeSignature};
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let envelope = |payload: &str| Envelope {
+            payload: payload.to_owned(),
+            payload_type: "application/vnd.in-toto+json".to_owned(),
+            signatures: vec![EnvelopeSignature {
+                keyid: String::new(),
+                sig: String::new(),
+            }],
+        };
+        let started = time::macros::datetime!(2026-12-04 10:00:07 UTC);
+        assert_eq!("0003-20261204T100007Z.json", history_name(3, started));
+        let first = history_name(1, started);
+        let second = history_name(2, started + time::Duration::minutes(5));
+        let latest = write_envelopes(dir.path(), &first, &envelope("b25l")).expect("write");
+        write_envelopes(dir.path(), &second, &envelope("dHdv")).expect("write");
+        assert_eq!(dir.path().join(LATEST_FILE), latest);
+        let read = |path: &Path| std::fs::read_to_string(path).expect("read");
+        assert!(
+            read(&latest).contains("dHdv"),
+            "the latest is the last session's"
+        );
+        let history = dir.path().join(HISTORY_DIR);
+        assert!(read(&history.join(&first)).contains("b25l"));
+        assert!(read(&history.join(&second)).contains("dHdv"));
+        for path in [latest, history.join(&first)] {
+            let mode = std::fs::metadata(&path)
+                .expect("metadata")
+                .permissions()
+                .mode();
+            assert_eq!(0o600, mode & 0o777, "{}", path.display());
+        }
+        // A history directory that cannot be made: an error to report, not a panic.
+        let blocked = dir.path().join("blocked");
+        std::fs::create_dir(&blocked).expect("mkdir");
+        std::fs::write(blocked.join(HISTORY_DIR), "a file").expect("write");
+        assert!(write_envelopes(&blocked, &first, &envelope("eA==")).is_err());
+        assert!(!blocked.join(LATEST_FILE).exists());
     }
 
     fn git_cmd(dir: &Path, args: &[&str]) {
