@@ -214,7 +214,8 @@ fn collect_files(
 /// config still applies (git has no switch to ignore it), so only plumbing that runs
 /// no configured program is used here: `rev-parse` and `rev-list` touch no index (no
 /// fsmonitor), no work tree (no filters, no textconv), no hooks and no pager; and with
-/// every transport refused and lazy fetching off, a partial clone cannot make them
+/// every transport refused (`GIT_ALLOW_PROTOCOL`, which repository config cannot
+/// override) and lazy fetching off, a partial clone cannot make them
 /// reach out. System and global config are not read. A `.git` that is a file (a
 /// `gitdir:` pointer elsewhere) or a symlink is not followed: no subject from it.
 /// When this process is root, `git` runs as `run_as` (the agent's uid, which owns the
@@ -244,6 +245,8 @@ async fn git(workspace: &Path, run_as: Option<u32>, args: &[&str]) -> Option<Str
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .env("GIT_NO_LAZY_FETCH", "1")
+        // Overrides every `protocol.<name>.allow` the repository's config may set.
+        .env("GIT_ALLOW_PROTOCOL", "none")
         .env("GIT_NO_REPLACE_OBJECTS", "1")
         .env("GIT_OPTIONAL_LOCKS", "0")
         .env("GIT_TERMINAL_PROMPT", "0")
