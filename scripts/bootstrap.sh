@@ -25,11 +25,23 @@ command -v tmux >/dev/null 2>&1 || need_pkgs+=(tmux)  # the interactive tests dr
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 command -v node >/dev/null 2>&1 || need_pkgs+=(nodejs)
+# The provenance test checks envelopes with an independent DSSE verifier in a venv.
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing ${need_pkgs[*]}"
   APT_OPTS=(-o Acquire::Retries=5 -o Acquire::http::Timeout=60 -o DPkg::Lock::Timeout=300)
   retry 3 timeout 600 $SUDO apt-get "${APT_OPTS[@]}" update -q
   retry 3 timeout 1200 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTS[@]}" install -y -q --no-install-recommends "${need_pkgs[@]}"
+fi
+
+# Python securesystemslib's DSSE verifier, pinned, for the provenance test
+# (crates/cli/tests/it/provenance.rs finds it at $BOT_BOTTLE_PYENV/bin/python).
+PYENV_DIR=${BOT_BOTTLE_PYENV:-/var/tmp/bot-bottle-pyenv}
+SSLIB_VERSION=1.6.0
+if ! "$PYENV_DIR/bin/python" -c "import sys, cryptography, securesystemslib; sys.exit(securesystemslib.__version__ != '$SSLIB_VERSION')" >/dev/null 2>&1; then
+  log "installing securesystemslib $SSLIB_VERSION into $PYENV_DIR"
+  [ -x "$PYENV_DIR/bin/pip" ] || python3 -m venv "$PYENV_DIR"
+  retry 3 timeout 600 "$PYENV_DIR/bin/pip" install -q --disable-pip-version-check "securesystemslib[crypto]==$SSLIB_VERSION"
 fi
 
 if ! timeout 20 docker info >/dev/null 2>&1; then

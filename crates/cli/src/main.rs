@@ -1004,6 +1004,102 @@ async fn show_audit(
     Ok(0)
 }
 
+/// What `provenance verify` found of the egress head an envelope records.
+enum HeadCheck {
+    /// The statement records no egress head.
+    NotRecorded,
+    /// No log of the bottle was found here (another host, or removed).
+    LogNotFound {
+        head: bot_bottle_core::provenance::LogHead,
+    },
+    Reached {
+        head: bot_bottle_core::provenance::LogHead,
+        log: PathBuf,
+    },
+    Failed {
+        head: bot_bottle_core::provenance::LogHead,
+        log: PathBuf,
+        problem: String,
+    },
+}
+
+impl HeadCheck {
+    fn ok(&self) -> bool {
+        !matches!(self, Self::Failed { .. })
+    }
+
+    fn sentence(&self) -> String {
+        match self {
+            Self::NotRecorded => "egress head: none recorded".to_owned(),
+            Self::LogNotFound { head } => format!(
+                "egress head: seq {} not checked (no log of this bottle here)",
+                head.seq
+            ),
+            Self::Reached { head, log } => format!(
+                "ok: egress log {} reaches the recorded head (seq {})",
+                log.display(),
+                head.seq
+            ),
+            Self::Failed { head, log, problem } => format!(
+                "FAILED: egress log {} does not reach the recorded head (seq {}): {problem}",
+                log.display(),
+                head.seq
+            ),
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        match self {
+            Self::NotRecorded => serde_json::json!({"status": "not-recorded"}),
+            Self::LogNotFound { head } => serde_json::json!({
+                "status": "log-not-found", "seq": head.seq, "hash": head.hash,
+            }),
+            Self::Reached { head, log } => serde_json::json!({
+                "status": "reached", "seq": head.seq, "hash": head.hash, "log": log,
+            }),
+            Self::Failed { head, log, problem } => serde_json::json!({
+                "status": "failed", "seq": head.seq, "hash": head.hash, "log": log,
+                "problem": problem,
+            }),
+        }
+    }
+}
+
+/// Checks the egress head a verified statement records against the bottle's log, when
+/// this host has it: `state/<slug>/egress.jsonl`, else the log `destroy` archived.
+fn check_recorded_head(statement: &bot_bottle_core::provenance::Statement) -> HeadCheck {
+    let Some(head) = statement.egress_head() else {
+        return HeadCheck::NotRecorded;
+    };
+    let slug = &statement
+        .predicate
+        .build_definition
+        .internal_parameters
+        .slug;
+    let log = Home::from_env().ok().and_then(|home| {
+        let live = home.bottle(slug).ok()?.egress_log();
+        if live.is_file() {
+            return Some(live);
+        }
+        home.archived_audit(slug).ok().filter(|p| p.is_file())
+    });
+    let Some(log) = log else {
+        return HeadCheck::LogNotFound { head };
+    };
+    let expected = audit::AuditHead {
+        seq: head.seq,
+        hash: head.hash.clone(),
+    };
+    match audit::verify_against(&log, &[expected]) {
+        Ok(_) => HeadCheck::Reached { head, log },
+        Err(err) => HeadCheck::Failed {
+            head,
+            log,
+            problem: err.to_string(),
+        },
+    }
+}
+
 fn provenance_command(action: ProvenanceAction) -> Result<i32, Failure> {
     use bot_bottle_core::provenance;
     match action {
@@ -1013,18 +1109,30 @@ fn provenance_command(action: ProvenanceAction) -> Result<i32, Failure> {
                     code: 1,
                     error: anyhow::Error::new(err),
                 })?;
+            let head = check_recorded_head(&verified.statement);
             if json {
                 print_json(&serde_json::json!({
-                    "ok": true,
+                    "ok": head.ok(),
                     "key_id": verified.key_id,
+                    "egress_head": head.to_json(),
                     "statement": serde_json::to_value(&verified.statement).unwrap_or_default(),
                 }));
             } else {
                 println!("ok: signature valid (key {})", verified.key_id);
+                println!("{}", head.sentence());
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&verified.statement).unwrap_or_default()
                 );
+            }
+            if let HeadCheck::Failed { log, problem, .. } = &head {
+                return Err(Failure {
+                    code: 1,
+                    error: anyhow::anyhow!(
+                        "the egress log `{}` does not reach the head this provenance records: {problem}\nhint: lines were changed or cut from the log after the session; `bot-bottle audit verify` shows where",
+                        log.display()
+                    ),
+                });
             }
             Ok(0)
         }

@@ -146,6 +146,12 @@ pub struct ExternalParameters {
     pub policy_digest: String,
     /// `sha256:<hex>` of the prompt (the prompt itself may hold private text).
     pub prompt_digest: String,
+    /// The agent CLI the bottle image pins, e.g. `@anthropic-ai/claude-code@2.1.328`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cli: Option<String>,
+    /// `sha256:<hex>` over the manifests the bottle runs on (its snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifests_digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issue: Option<IssueRef>,
     pub trigger: Trigger,
@@ -185,6 +191,12 @@ pub struct RunMetadata {
     pub finished_on: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// How the session ended: `exited`, `gateway-failed`, `interrupted`, `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// Operations a human approved during the run (none are asked for yet: 0).
+    #[serde(default)]
+    pub approvals: u64,
     pub watchdog_fired: bool,
 }
 
@@ -217,10 +229,48 @@ pub struct Statement {
 /// Counts from the egress audit log.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressSummary {
+    /// Request and CONNECT events.
     pub requests: u64,
     pub allowed: u64,
     pub blocked: u64,
+    /// Blocks counted in a rate-limit summary instead of written one by one.
     pub held: u64,
+    /// Direct attempts the tripwire caught (not through the gateway).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub direct: u64,
+    /// Lines of the log that could not be read as events (skipped, not counted).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unreadable_lines: u64,
+    /// Allowed and blocked requests per host, for at most [`MAX_SUMMARY_HOSTS`] hosts;
+    /// the rest are added up under [`OTHER_HOSTS`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hosts: BTreeMap<String, HostCounts>,
+}
+
+/// Allowed and blocked request counts of one host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCounts {
+    pub allowed: u64,
+    pub blocked: u64,
+}
+
+/// Hosts listed one by one in [`EgressSummary::hosts`]: the agent picks host names, and
+/// the summary must stay small whatever it tries.
+pub const MAX_SUMMARY_HOSTS: usize = 256;
+/// The key the hosts past [`MAX_SUMMARY_HOSTS`] are counted under (not a host name:
+/// host names have no parentheses).
+pub const OTHER_HOSTS: &str = "(other hosts)";
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A hash-chained log's head: the last line's sequence number and hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogHead {
+    pub seq: u64,
+    pub hash: String,
 }
 
 /// Outcome of DLP scanning during the run.
@@ -255,9 +305,19 @@ pub struct RunRecord {
     pub exit_code: Option<i32>,
     pub watchdog_fired: bool,
     pub egress_audit_digest: Option<String>,
+    /// The egress log's head when the session ended.
+    pub egress_audit_head: Option<LogHead>,
     pub egress_summary: EgressSummary,
     pub dlp: DlpResult,
     pub forge_ops_digest: Option<String>,
+    /// The forge-ops log's head (no forge-ops log exists yet: `None`).
+    pub forge_ops_head: Option<LogHead>,
+    /// The agent CLI package and version, when the provider pins one.
+    pub cli: Option<String>,
+    pub manifests_digest: Option<String>,
+    /// See [`RunMetadata::outcome`].
+    pub outcome: Option<String>,
+    pub approvals: u64,
     /// What the run produced, e.g. `("refs/heads/bot/issue-17", "gitCommit", sha)`.
     pub subjects: Vec<ResourceDescriptor>,
     pub builder_version: String,
@@ -316,6 +376,12 @@ impl Statement {
             "summary".to_owned(),
             serde_json::to_value(&run.egress_summary).unwrap_or_default(),
         );
+        if let Some(head) = &run.egress_audit_head {
+            egress.annotations.insert(
+                "head".to_owned(),
+                serde_json::to_value(head).unwrap_or_default(),
+            );
+        }
         byproducts.push(egress);
         let mut dlp = ResourceDescriptor {
             name: "dlp".to_owned(),
@@ -328,12 +394,19 @@ impl Statement {
             serde_json::to_value(run.dlp).unwrap_or_default(),
         );
         byproducts.push(dlp);
-        if let Some(digest) = &run.forge_ops_digest {
-            byproducts.push(ResourceDescriptor::new(
-                "forge-ops",
-                "sha256",
-                strip_sha256(digest),
-            ));
+        if run.forge_ops_digest.is_some() || run.forge_ops_head.is_some() {
+            let mut ops = ResourceDescriptor::new("forge-ops", "sha256", "");
+            ops.digest.clear();
+            if let Some(digest) = &run.forge_ops_digest {
+                ops.digest.insert("sha256".to_owned(), strip_sha256(digest));
+            }
+            if let Some(head) = &run.forge_ops_head {
+                ops.annotations.insert(
+                    "head".to_owned(),
+                    serde_json::to_value(head).unwrap_or_default(),
+                );
+            }
+            byproducts.push(ops);
         }
 
         Self {
@@ -350,6 +423,8 @@ impl Statement {
                         bottles: run.bottles.clone(),
                         policy_digest: run.policy_digest.clone(),
                         prompt_digest: run.prompt_digest.clone(),
+                        cli: run.cli.clone(),
+                        manifests_digest: run.manifests_digest.clone(),
                         issue: run.issue.clone(),
                         trigger: run.trigger.clone(),
                     },
@@ -372,12 +447,29 @@ impl Statement {
                         started_on: run.started_at.clone(),
                         finished_on: run.finished_at.clone(),
                         exit_code: run.exit_code,
+                        outcome: run.outcome.clone(),
+                        approvals: run.approvals,
                         watchdog_fired: run.watchdog_fired,
                     },
                     byproducts,
                 },
             },
         }
+    }
+}
+
+impl Statement {
+    /// The egress log head this statement records (`runDetails.byproducts`, the
+    /// `egress-audit` entry's `head` annotation), if it records one.
+    #[must_use]
+    pub fn egress_head(&self) -> Option<LogHead> {
+        self.predicate
+            .run_details
+            .byproducts
+            .iter()
+            .find(|b| b.name == "egress-audit")
+            .and_then(|b| b.annotations.get("head"))
+            .and_then(|head| serde_json::from_value(head.clone()).ok())
     }
 }
 
@@ -520,12 +612,12 @@ pub fn verify_envelope_file(
     verify_envelope(&envelope, &key)
 }
 
-/// Write an envelope atomically (temp file, fsync, rename).
+/// Write an envelope atomically (temp file 0600, fsync, rename).
 pub fn write_envelope_file(path: &Path, envelope: &Envelope) -> Result<(), ProvenanceError> {
     let mut bytes = serde_json::to_vec_pretty(envelope).map_err(ProvenanceError::Serialize)?;
     bytes.push(b'\n');
     let temp = temp_sibling(path);
-    write_new_file(&temp, &bytes, 0o644).map_err(|source| ProvenanceError::Write {
+    write_new_file(&temp, &bytes, 0o600).map_err(|source| ProvenanceError::Write {
         path: temp.clone(),
         source,
     })?;
@@ -757,14 +849,24 @@ mod tests {
             exit_code: Some(0),
             watchdog_fired: false,
             egress_audit_digest: Some(sha256_digest(b"audit")),
+            egress_audit_head: Some(LogHead {
+                seq: 41,
+                hash: "c".repeat(64),
+            }),
             egress_summary: EgressSummary {
                 requests: 12,
                 allowed: 10,
                 blocked: 2,
                 held: 0,
+                ..EgressSummary::default()
             },
             dlp: DlpResult::Clean,
             forge_ops_digest: Some(sha256_digest(b"ops")),
+            forge_ops_head: None,
+            cli: Some("@anthropic-ai/claude-code@2.1.328".to_owned()),
+            manifests_digest: Some(sha256_digest(b"manifests")),
+            outcome: Some("exited".to_owned()),
+            approvals: 0,
             subjects: vec![ResourceDescriptor::new(
                 "refs/heads/bot/issue-17",
                 "gitCommit",
@@ -801,6 +903,8 @@ mod tests {
                 "bottles": ["rust-dev"],
                 "policyDigest": sha256_digest(b"policy"),
                 "promptDigest": sha256_digest(b"fix the bug"),
+                "cli": "@anthropic-ai/claude-code@2.1.328",
+                "manifestsDigest": sha256_digest(b"manifests"),
                 "issue": {"owner": "acme", "repo": "widget", "number": 17},
                 "trigger": {"kind": "issue", "deliveryId": "f6266f16-1bf3-46a5-9ea4-602e06ead473"},
             }),
@@ -821,6 +925,8 @@ mod tests {
                 "startedOn": "2026-11-24T08:00:00Z",
                 "finishedOn": "2026-11-24T08:10:00Z",
                 "exitCode": 0,
+                "outcome": "exited",
+                "approvals": 0,
                 "watchdogFired": false,
             }),
             details["metadata"]
@@ -837,9 +943,28 @@ mod tests {
             details["byproducts"][0]["annotations"]["summary"]
         );
         assert_eq!(
+            serde_json::json!({"seq": 41, "hash": "c".repeat(64)}),
+            details["byproducts"][0]["annotations"]["head"]
+        );
+        assert_eq!(
             serde_json::json!("clean"),
             details["byproducts"][1]["annotations"]["result"]
         );
+    }
+
+    #[test]
+    fn recorded_egress_head_reads_back_from_the_statement() {
+        let statement = Statement::from_run(&run());
+        assert_eq!(
+            Some(LogHead {
+                seq: 41,
+                hash: "c".repeat(64)
+            }),
+            statement.egress_head()
+        );
+        let mut headless = run();
+        headless.egress_audit_head = None;
+        assert_eq!(None, Statement::from_run(&headless).egress_head());
     }
 
     #[test]
@@ -946,6 +1071,12 @@ mod tests {
         let keys = ProvenanceKeys::load_or_create(home.path()).expect("keys");
         let path = home.path().join("provenance.json");
         write_envelope_file(&path, &envelope).expect("write");
+        let mode = std::fs::metadata(&path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(0o600, mode, "the envelope is private to the host user");
         let verified = verify_envelope_file(&path, &keys.public_key_path).expect("verify");
         assert_eq!(
             "implementer-ab12c",

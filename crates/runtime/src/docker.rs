@@ -227,6 +227,15 @@ impl DockerEngine {
         }
     }
 
+    /// The engine's id (`sha256:…`) of an image, `None` when there is no such image.
+    pub async fn image_id(&self, reference: &str) -> Result<Option<String>, DockerError> {
+        match self.docker.inspect_image(reference).await {
+            Ok(image) => Ok(image.id),
+            Err(err) if is_not_found(&err) => Ok(None),
+            Err(err) => Err(api("inspect image")(err)),
+        }
+    }
+
     /// Imports a root filesystem tarball as `tag` (the Engine API's `docker import`).
     pub async fn import_rootfs(
         &self,

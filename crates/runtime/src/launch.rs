@@ -235,6 +235,13 @@ pub struct SessionOutcome {
     /// The log's head after this session: keep it elsewhere, and `bot-bottle audit
     /// verify --expect SEQ:HASH` shows later whether lines were cut from the end.
     pub audit_head: Option<bot_bottle_egress::audit::AuditHead>,
+    /// The session's signed provenance (`state/<slug>/provenance.json`, or beside the
+    /// archived audit log after `--rm`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<PathBuf>,
+    /// Why no provenance was written, when it was not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provenance_error: Option<String>,
 }
 
 /// The agent uid: the host user's, so bind-mounted files keep their owner; 1000 when
@@ -715,7 +722,18 @@ pub async fn launch(
         bottle.mark_preserved()?;
     }
 
+    let session_number = u64::from(metadata.sessions) + 1;
+    let started = now();
+    let head_before = match &plan.workspace {
+        Workspace::Bind { host } => crate::provenance::workspace_head(host, git_uid(&plan)).await,
+        Workspace::Copy { .. } => None,
+    };
+    let seq_at_start = bot_bottle_egress::audit::read_head(&bottle.egress_log())
+        .ok()
+        .flatten()
+        .map_or(0, |head| head.seq);
     let result = run_session(spec, &plan, &bottle, &engine, options, &mut metadata).await;
+    let finished = now();
     metadata.updated_at = now();
     match &result {
         Ok(code) => {
@@ -730,6 +748,27 @@ pub async fn launch(
         Err(_) => metadata.status = Status::Failed,
     }
     bottle.write_metadata(&metadata)?;
+    // After the gateway stopped and wrote its head: every session, however it ended.
+    let session = SessionFacts {
+        spec,
+        plan: &plan,
+        number: session_number,
+        started,
+        finished,
+        head_before,
+        seq_at_start,
+    };
+    let written = record_provenance(&engine, options, &bottle, &session, &result).await;
+    let (mut provenance, provenance_error) = match written {
+        Ok(path) => (Some(path), None),
+        Err(message) => {
+            eprintln!(
+                "bot-bottle: warning: no provenance was written for this session of {slug}: {message}\nhint: check that {} is writable; `bot-bottle provenance export-key` shows whether the signing key loads",
+                bottle.path().display()
+            );
+            (None, Some(message))
+        }
+    };
     let exit_code = result?;
     // `--rm`, or a bottle someone else marked to keep: never remove what is preserved.
     if !bottle.is_preserved() {
@@ -738,12 +777,17 @@ pub async fn launch(
         let audit_head = bot_bottle_egress::audit::read_head(&audit_log)
             .ok()
             .flatten();
+        if provenance.is_some() {
+            provenance = Some(archived_provenance(&audit_log));
+        }
         progress.step(&format!("agent exited {exit_code}; bottle removed (--rm)"));
         return Ok(SessionOutcome {
             slug,
             exit_code,
             audit_log,
             audit_head,
+            provenance,
+            provenance_error,
         });
     }
     progress.step(&format!(
@@ -760,6 +804,147 @@ pub async fn launch(
             .ok()
             .flatten(),
         audit_log: bottle.egress_log(),
+        provenance,
+        provenance_error,
+    })
+}
+
+/// Where `destroy` keeps a bottle's latest provenance: beside its archived audit log,
+/// `audit/<slug>.provenance.json`.
+#[must_use]
+pub fn archived_provenance(archived_log: &Path) -> PathBuf {
+    archived_log.with_extension(crate::provenance::LATEST_FILE)
+}
+
+/// What `launch` knew of a session before and after it ran.
+struct SessionFacts<'a> {
+    spec: &'a BottleSpec,
+    plan: &'a BottlePlan,
+    /// 1-based.
+    number: u64,
+    started: OffsetDateTime,
+    finished: OffsetDateTime,
+    /// The bind-mounted workspace's `HEAD` before the session.
+    head_before: Option<String>,
+    /// The audit log's head sequence number before the session (0 for a new log).
+    seq_at_start: u64,
+}
+
+/// The uid `git` runs as on the workspace: the agent's when this process is root (see
+/// `provenance::git`), else this process's own (which is the agent's).
+fn git_uid(plan: &BottlePlan) -> Option<u32> {
+    nix::unistd::getuid().is_root().then_some(plan.agent_uid)
+}
+
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Builds, signs and writes the session's provenance (see docs/forge.md); returns the
+/// latest envelope's path, or why it could not be written.
+async fn record_provenance(
+    engine: &DockerEngine,
+    options: &LaunchOptions,
+    bottle: &BottleDir,
+    session: &SessionFacts<'_>,
+    result: &Result<i32, RuntimeError>,
+) -> Result<PathBuf, String> {
+    use crate::provenance as prov;
+    use bot_bottle_core::provenance::{
+        DlpResult, LogHead, RunRecord, Trigger, sha256_digest, sign_run,
+    };
+    let plan = session.plan;
+    let log = bottle.egress_log();
+    let egress_audit_head = bot_bottle_egress::audit::read_head(&log)
+        .map_err(|err| format!("cannot read the audit head: {err}"))?
+        .map(|head| LogHead {
+            seq: head.seq,
+            hash: head.hash,
+        });
+    let tally = prov::tally_audit(&log, session.seq_at_start)
+        .map_err(|err| format!("cannot read the audit log `{}`: {err}", log.display()))?;
+    let manifests_digest = prov::manifests_digest(&manifest_snapshot(bottle))
+        .map_err(|err| format!("cannot read the manifest snapshot: {err}"))?;
+    let image = plan
+        .image
+        .resume_from
+        .clone()
+        .unwrap_or_else(|| plan.image.tag.clone());
+    let images = match engine.image_id(&image).await {
+        Ok(Some(id)) => vec![(image, id)],
+        _ => Vec::new(),
+    };
+    let mut commits = Vec::new();
+    if let Workspace::Bind { host } = &plan.workspace
+        && let Some(after) = prov::workspace_head(host, git_uid(plan)).await
+        && session.head_before.as_deref() != Some(after.as_str())
+    {
+        commits =
+            prov::commits_between(host, git_uid(plan), session.head_before.as_deref(), &after)
+                .await
+                .unwrap_or_default();
+    }
+    let (exit_code, outcome) = match result {
+        Ok(code) => (Some(*code), "exited"),
+        Err(RuntimeError::GatewayFailed { .. }) => (None, "gateway-failed"),
+        Err(RuntimeError::Interrupted { .. }) => (None, "interrupted"),
+        Err(_) => (None, "failed"),
+    };
+    let resumed = session.spec.identity.is_some();
+    let run = RunRecord {
+        slug: bottle.slug().to_owned(),
+        agent: plan.agent.clone(),
+        provider: plan.provider.to_string(),
+        model: plan.model.clone(),
+        bottles: plan.bottles.clone(),
+        backend: plan.backend.clone(),
+        policy_digest: prov::policy_digest(&plan.egress),
+        prompt_digest: sha256_digest(session.spec.prompt.as_deref().unwrap_or("").as_bytes()),
+        issue: None,
+        trigger: Trigger {
+            kind: if resumed { "resume" } else { "cli" }.to_owned(),
+            delivery_id: None,
+            comment_id: None,
+        },
+        base_commit: session
+            .head_before
+            .clone()
+            .map(|sha| ("workspace".to_owned(), sha)),
+        images,
+        started_at: rfc3339(session.started),
+        finished_at: rfc3339(session.finished),
+        exit_code,
+        watchdog_fired: false,
+        egress_audit_digest: tally.as_ref().map(|t| t.digest.clone()),
+        egress_summary: tally
+            .as_ref()
+            .map(|t| t.summary.clone())
+            .unwrap_or_default(),
+        dlp: tally
+            .as_ref()
+            .map_or(DlpResult::NotRun, prov::AuditTally::dlp),
+        forge_ops_digest: None,
+        forge_ops_head: None,
+        cli: plan.provider.npm_package().map(str::to_owned),
+        manifests_digest,
+        outcome: Some(outcome.to_owned()),
+        approvals: 0,
+        subjects: prov::subjects(&commits, egress_audit_head.as_ref()),
+        egress_audit_head,
+        builder_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let envelope = sign_run(options.home.root(), &run).map_err(|err| err.to_string())?;
+    prov::write_envelopes(
+        bottle.path(),
+        &prov::history_name(session.number, session.started),
+        &envelope,
+    )
+    .map_err(|err| {
+        format!(
+            "{err}: {}",
+            std::error::Error::source(&err).map_or_else(String::new, ToString::to_string)
+        )
     })
 }
 
@@ -1158,6 +1343,18 @@ pub async fn destroy(home: &Home, slug: &str, progress: &Progress) -> Result<(),
             source,
         })?;
         progress.step(&format!("audit log kept at {}", archive.display()));
+    }
+    let latest = bottle.path().join(crate::provenance::LATEST_FILE);
+    if latest.exists() {
+        let archive = archived_provenance(&home.archived_audit(slug)?);
+        if let Some(dir) = archive.parent() {
+            bot_bottle_core::state::create_private_dir(dir)?;
+        }
+        fs_err::rename(&latest, &archive).map_err(|source| RuntimeError::Io {
+            path: latest.clone(),
+            source,
+        })?;
+        progress.step(&format!("provenance kept at {}", archive.display()));
     }
     bottle.remove()?;
     let ca_dir = home.ca_dir().join(slug);

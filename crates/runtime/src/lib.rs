@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod images;
 pub mod launch;
 pub mod progress;
+pub mod provenance;
 pub mod shim;
 pub mod terminal;
 pub mod tripwire;

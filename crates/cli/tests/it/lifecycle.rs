@@ -419,3 +419,118 @@ fn docker_rm_removes_the_bottle_and_keeps_its_audit_log() {
         stdout(&audit)
     );
 }
+
+/// `git` on the host for the test's own repository (owned by the agent's uid when the
+/// tests run as root, hence `safe.directory`).
+fn host_git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .current_dir(dir)
+        .args([
+            "-c",
+            "safe.directory=*",
+            "-c",
+            "user.name=test",
+            "-c",
+            "user.email=test@example.test",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
+    stdout(&out).trim().to_owned()
+}
+
+#[test]
+fn docker_provenance_names_the_sessions_commit_and_the_audit_head() {
+    let project = Project::new();
+    project
+        .agent(
+            "committer",
+            &bash_agent(
+                "cd /workspace && echo work > work.txt && git add work.txt && git -c user.name=agent -c user.email=agent@example.test commit -q -m 'agent work' && echo committed",
+                "plain",
+            ),
+        )
+        .bottle("plain", COMMAND_BOTTLE);
+    host_git(project.path(), &["init", "-q"]);
+    host_git(
+        project.path(),
+        &["commit", "-q", "--allow-empty", "-m", "base"],
+    );
+    let base = host_git(project.path(), &["rev-parse", "HEAD"]);
+    if nix::unistd::getuid().is_root() {
+        let status = std::process::Command::new("chown")
+            .args(["-R", &format!("{0}:{0}", crate::common::AGENT_UID)])
+            .arg(project.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    let out = project.run(&[
+        "start",
+        "committer",
+        "--headless",
+        "--prompt",
+        "commit",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let slug = result["slug"].as_str().unwrap().to_owned();
+    let head = host_git(project.path(), &["rev-parse", "HEAD"]);
+    assert_ne!(base, head, "the agent made no commit");
+
+    let file = project
+        .home
+        .path()
+        .join(format!("state/{slug}/provenance.json"));
+    assert_eq!(result["provenance"], file.display().to_string());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(0o600, mode);
+    let history: Vec<_> = std::fs::read_dir(file.with_extension(""))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(1, history.len(), "one file per session");
+
+    let key = project.home.path().join("keys/provenance.ed25519.pub");
+    let verify = project.run(&[
+        "provenance",
+        "verify",
+        &file.display().to_string(),
+        "--key",
+        &key.display().to_string(),
+        "--json",
+    ]);
+    assert_eq!(verify.status.code(), Some(0), "{}", stderr(&verify));
+    let report: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(report["egress_head"]["status"], "reached");
+    let statement = &report["statement"];
+    // The subject is the session's one commit, not the base it started from.
+    let subjects = statement["subject"].as_array().unwrap();
+    assert_eq!(1, subjects.len(), "{subjects:?}");
+    assert_eq!(subjects[0]["digest"]["gitCommit"], head.as_str());
+    let build = &statement["predicate"]["buildDefinition"];
+    assert_eq!(
+        build["resolvedDependencies"][0]["digest"]["gitCommit"],
+        base.as_str()
+    );
+    assert!(
+        build["resolvedDependencies"][1]["digest"]["sha256"]
+            .as_str()
+            .is_some_and(|d| d.len() == 64),
+        "the image id: {build}"
+    );
+    assert_eq!(build["externalParameters"]["agent"], "committer");
+    let details = &statement["predicate"]["runDetails"];
+    assert_eq!(details["metadata"]["outcome"], "exited");
+    assert_eq!(details["metadata"]["exitCode"], 0);
+    assert_eq!(details["metadata"]["watchdogFired"], false);
+    // The head the statement carries is the one the launch printed.
+    let egress = &details["byproducts"][0];
+    assert_eq!(egress["name"], "egress-audit");
+    assert_eq!(egress["annotations"]["head"], result["audit_head"]);
+    assert!(result["audit_head"]["seq"].as_u64().unwrap() > 0);
+}

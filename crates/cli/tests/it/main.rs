@@ -16,3 +16,4 @@ mod errors;
 mod escape;
 mod interactive;
 mod lifecycle;
+mod provenance;
