@@ -623,12 +623,13 @@ pub(crate) fn is_generic_rule(id: &str) -> bool {
 
 /// Drops a generic rule's finding when a specific rule found an overlapping span, as
 /// gitleaks does: the same secret is reported (and audited) once, under the rule that
-/// knows what it is.
+/// knows what it is. A generic finding that blocks is kept beside a specific one that only
+/// logs, so a rule turned to `log` cannot undo a user's `generic-…: block`.
 fn drop_generic_duplicates(findings: &mut Vec<Finding>) {
-    let specific: Vec<Range<usize>> = findings
+    let specific: Vec<(Range<usize>, Action)> = findings
         .iter()
         .filter(|finding| finding.kind == FindingKind::Rule && !is_generic_rule(&finding.rule_id))
-        .map(|finding| finding.offset..finding.offset + finding.len)
+        .map(|finding| (finding.offset..finding.offset + finding.len, finding.action))
         .collect();
     if specific.is_empty() {
         return;
@@ -637,9 +638,11 @@ fn drop_generic_duplicates(findings: &mut Vec<Finding>) {
         let span = finding.offset..finding.offset + finding.len;
         finding.kind != FindingKind::Rule
             || !is_generic_rule(&finding.rule_id)
-            || !specific
-                .iter()
-                .any(|other| other.start < span.end && span.start < other.end)
+            || !specific.iter().any(|(other, action)| {
+                other.start < span.end
+                    && span.start < other.end
+                    && (*action == Action::Block || finding.action == Action::Log)
+            })
     });
 }
 
@@ -1201,6 +1204,20 @@ mod tests {
             ids(&generic_only.scan(b"k=abcdef123")),
             vec!["generic-api-key", "generic-other"]
         );
+    }
+
+    #[test]
+    fn a_blocking_generic_finding_is_kept_beside_a_specific_one_that_only_logs() {
+        let scanner = Scanner::new(
+            rules_from(
+                "[[rules]]\nid = 'generic-api-key'\nregex = '(?i)token\\s*=\\s*([a-z0-9_]{12,})'\naction = 'block'\n\
+                 [[rules]]\nid = 'tok'\nregex = 'tok_[a-z0-9]{8}'\naction = 'log'\n",
+            ),
+            Vec::new(),
+        );
+        let findings = scanner.scan(b"token = tok_prod1234");
+        assert_eq!(ids(&findings), vec!["generic-api-key", "tok"]);
+        assert!(findings.iter().any(|f| f.action == Action::Block));
     }
 
     #[test]
