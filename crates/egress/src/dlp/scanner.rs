@@ -1282,6 +1282,27 @@ mod tests {
     }
 
     #[test]
+    fn builtin_rules_stay_quiet_on_what_agent_clis_send_every_call() {
+        let scanner = Scanner::new(DlpRules::builtin(), Vec::new());
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "anthropic-beta",
+            http::HeaderValue::from_static(
+                "claude-code-20250219,token-counting-2024-11-01,advanced-tool-use-2025-11-20",
+            ),
+        );
+        assert_eq!(scanner.scan_headers(&headers, None), Vec::new());
+        assert_eq!(
+            scanner.scan(br#"{"credentials_path": ".claude/settings", "secret_dir": ".config/gh/hosts.yml"}"#),
+            Vec::new()
+        );
+        // The same names with a value that is not a flag or a dot-directory path still log.
+        let value = "q8Zr3VbN1xT6yK2m";
+        let found = scanner.scan(format!("{{\"credentials\": \"{value}\"}}").as_bytes());
+        assert_eq!(ids(&found), vec!["generic-api-key"]);
+    }
+
+    #[test]
     fn keyword_prefilter_gates_the_rule() {
         let scanner = Scanner::new(
             rules_from(
