@@ -130,6 +130,11 @@ pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
     "x-method-override",
 ];
 
+/// Headers that servers behind URL-rewriting front ends (IIS URL Rewrite, older Symfony and
+/// Zend request objects) read as the request's path in place of the real one. See
+/// [`EgressPolicy::decide_with_overrides`].
+pub const PATH_OVERRIDE_HEADERS: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+
 /// The one method all `values` name, upper-cased; `None` if one is empty or not a token,
 /// or they name different methods.
 fn override_method(values: &[&[u8]]) -> Option<String> {
@@ -196,6 +201,11 @@ pub enum Reason {
     /// A method-override header is empty, not a method token, or the override headers
     /// name more than one method.
     BadMethodOverride,
+    /// The real path is allowed, but a path-override header ([`PATH_OVERRIDE_HEADERS`])
+    /// names one that is not.
+    PathOverrideNotAllowed,
+    /// A path-override header is not an origin-form path (`/…`).
+    BadPathOverride,
 }
 
 impl Reason {
@@ -214,6 +224,8 @@ impl Reason {
             Reason::AmbiguousPath => "ambiguous-path",
             Reason::MethodOverrideNotAllowed => "method-override-not-allowed",
             Reason::BadMethodOverride => "bad-method-override",
+            Reason::PathOverrideNotAllowed => "path-override-not-allowed",
+            Reason::BadPathOverride => "bad-path-override",
         }
     }
 
@@ -228,7 +240,10 @@ impl Reason {
             Reason::PathNotAllowed | Reason::GitRepoNotAllowed => 3,
             Reason::GitFetchNotAllowed | Reason::GitPushNotAllowed => 4,
             Reason::AmbiguousPath => 5,
-            Reason::MethodOverrideNotAllowed | Reason::BadMethodOverride => 6,
+            Reason::MethodOverrideNotAllowed
+            | Reason::BadMethodOverride
+            | Reason::PathOverrideNotAllowed
+            | Reason::BadPathOverride => 6,
         }
     }
 }
@@ -390,6 +405,55 @@ impl EgressPolicy {
     /// not a method token are refused, since origins disagree on which one wins.
     #[must_use]
     pub fn decide_overridable(&self, facts: &RequestFacts<'_>, overrides: &[&[u8]]) -> Decision {
+        self.decide_with_overrides(facts, overrides, &[])
+    }
+
+    /// [`EgressPolicy::decide_overridable`], and also every value of every
+    /// [`PATH_OVERRIDE_HEADERS`] header in `paths`: a server that honours one serves the
+    /// path it names, so that path (with its query) must be allowed too, under the same
+    /// method, with the same ambiguity checks. A value that is not an origin-form path is
+    /// refused.
+    #[must_use]
+    pub fn decide_with_overrides(
+        &self,
+        facts: &RequestFacts<'_>,
+        overrides: &[&[u8]],
+        paths: &[&[u8]],
+    ) -> Decision {
+        let decision = self.decide_methods(facts, overrides);
+        if !decision.is_allow() {
+            return decision;
+        }
+        for value in paths {
+            let Some(named) = std::str::from_utf8(value)
+                .ok()
+                .filter(|v| v.starts_with('/') && !v.starts_with("//"))
+                .filter(|v| !v.bytes().any(|b| b.is_ascii_control() || b == b' '))
+            else {
+                return Decision::block(Reason::BadPathOverride, decision.rule);
+            };
+            let (path, query) = match named.split_once('?') {
+                Some((path, query)) => (path, Some(query)),
+                None => (named, None),
+            };
+            let overridden = self.decide(&RequestFacts {
+                path,
+                query,
+                ..*facts
+            });
+            if !overridden.is_allow() {
+                let reason = if overridden.reason == Reason::AmbiguousPath {
+                    Reason::AmbiguousPath
+                } else {
+                    Reason::PathOverrideNotAllowed
+                };
+                return Decision::block(reason, overridden.rule);
+            }
+        }
+        decision
+    }
+
+    fn decide_methods(&self, facts: &RequestFacts<'_>, overrides: &[&[u8]]) -> Decision {
         let decision = self.decide(facts);
         if !decision.is_allow() || overrides.is_empty() {
             return decision;
@@ -1078,6 +1142,60 @@ rules:
         }
         assert!(!path_is_ambiguous("/v1/messages/...hidden/x.y"));
         assert!(!path_is_ambiguous("/v1/mess%61ges"));
+    }
+
+    #[test]
+    fn path_override_headers_are_decided_as_the_path_they_name() {
+        let policy = example_policy();
+        let post = facts("api.anthropic.com", "POST", "/v1/messages", None);
+        let decide = |values: &[&str]| {
+            let values: Vec<&[u8]> = values.iter().map(|v| v.as_bytes()).collect();
+            policy.decide_with_overrides(&post, &[], &values)
+        };
+        assert!(decide(&[]).is_allow());
+        // The rule allows only /v1/messages*: a rewrite header naming another path is refused.
+        assert_eq!(
+            decide(&["/v1/admin/keys"]),
+            Decision::block(Reason::PathOverrideNotAllowed, Some(0))
+        );
+        assert_eq!(
+            decide(&["/v1/messages", "/v2/other"]).reason,
+            Reason::PathOverrideNotAllowed
+        );
+        // Naming an allowed path (with a query) changes nothing.
+        assert!(decide(&["/v1/messages?beta=true"]).is_allow());
+        // The ambiguity checks apply to the named path too.
+        assert_eq!(
+            decide(&["/v1/messages/../admin"]).reason,
+            Reason::AmbiguousPath
+        );
+        // Not an origin-form path: refused.
+        for value in [
+            "",
+            "v1/messages",
+            "https://evil.example/x",
+            "//evil.example/x",
+            "/v1/messages x",
+        ] {
+            assert_eq!(
+                decide(&[value]).reason,
+                Reason::BadPathOverride,
+                "{value:?}"
+            );
+        }
+        assert_eq!(
+            policy
+                .decide_with_overrides(&post, &[], &[b"/v1/\xffmessages"])
+                .reason,
+            Reason::BadPathOverride
+        );
+        // A method override and a path override together: both must be allowed.
+        assert_eq!(
+            policy
+                .decide_with_overrides(&post, &[b"DELETE"], &[b"/v1/messages"])
+                .reason,
+            Reason::MethodOverrideNotAllowed
+        );
     }
 
     #[test]

@@ -10,7 +10,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::tripwire::Attempt;
-use bot_bottle_core::policy::{AuditLevel, EgressPolicy, METHOD_OVERRIDE_HEADERS, RequestFacts};
+use bot_bottle_core::policy::{
+    AuditLevel, EgressPolicy, METHOD_OVERRIDE_HEADERS, PATH_OVERRIDE_HEADERS, RequestFacts,
+};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
@@ -950,7 +952,12 @@ pub(crate) fn decide_request(
         .flat_map(|name| headers.get_all(*name))
         .map(HeaderValue::as_bytes)
         .collect();
-    let decision = policy.decide_overridable(&facts, &overrides);
+    let paths: Vec<&[u8]> = PATH_OVERRIDE_HEADERS
+        .iter()
+        .flat_map(|name| headers.get_all(*name))
+        .map(HeaderValue::as_bytes)
+        .collect();
+    let decision = policy.decide_with_overrides(&facts, &overrides, &paths);
     if decision.is_allow() {
         return Ok(decision.rule);
     }
@@ -958,14 +965,21 @@ pub(crate) fn decide_request(
     let mut draft = request_draft(AuditDecision::Block, reason, method, target, uri.path());
     draft.rule = decision.rule;
     draft.status = Some(403);
+    let shown = |values: &[&[u8]]| {
+        values
+            .iter()
+            .map(|v| truncate(&String::from_utf8_lossy(v), 256))
+            .collect::<Vec<_>>()
+    };
+    let mut overridden = Vec::new();
     if !overrides.is_empty() {
-        draft.detail = Some(format!(
-            "method override {:?}",
-            overrides
-                .iter()
-                .map(|v| String::from_utf8_lossy(v))
-                .collect::<Vec<_>>()
-        ));
+        overridden.push(format!("method override {:?}", shown(&overrides)));
+    }
+    if !paths.is_empty() {
+        overridden.push(format!("path override {:?}", shown(&paths)));
+    }
+    if !overridden.is_empty() {
+        draft.detail = Some(overridden.join("; "));
     }
     shared.record(draft);
     Err(Box::new(block_response(

@@ -29,6 +29,59 @@ async fn wait_for_count(path: &std::path::Path, reason: &str, n: usize) {
 }
 
 #[tokio::test]
+async fn path_override_headers_are_decided_as_the_path_they_name() {
+    let origin = origin().await;
+    let rules = "rules:\n  - host: api.test\n    paths: [\"/v1/*\"]\n";
+    let gw = gateway(policy(rules), &[("api.test", origin)]).await;
+    let proxy = gw.proxy_url();
+
+    // IIS URL Rewrite and older Symfony serve X-Original-URL / X-Rewrite-URL, not the path.
+    for header in ["X-Original-URL: /admin/keys", "X-Rewrite-URL: /v2/secret"] {
+        let rewritten = curl(&proxy, &["-H", header, "http://api.test/v1/items"]).await;
+        assert_eq!(rewritten.status, 403, "{header}: {}", rewritten.body);
+        assert_eq!(
+            rewritten.header("x-bot-bottle-block").as_deref(),
+            Some("path-override-not-allowed"),
+            "{header}"
+        );
+        assert!(!rewritten.body.contains("origin saw"), "{}", rewritten.body);
+    }
+    let full_url = curl(
+        &proxy,
+        &[
+            "-H",
+            "X-Original-URL: http://evil.test/x",
+            "http://api.test/v1/items",
+        ],
+    )
+    .await;
+    assert_eq!(
+        full_url.header("x-bot-bottle-block").as_deref(),
+        Some("bad-path-override")
+    );
+    // Naming an allowed path is harmless.
+    let same = curl(
+        &proxy,
+        &[
+            "-H",
+            "X-Original-URL: /v1/other?x=1",
+            "http://api.test/v1/items",
+        ],
+    )
+    .await;
+    assert_eq!(same.status, 200, "{}", same.body);
+    let event = wait_for_reason(&gw.audit_path, "path-override-not-allowed").await;
+    assert_eq!(event["path"], "/v1/items");
+    assert!(
+        event["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("path override [\"/admin/keys\"]")),
+        "{event}"
+    );
+    gw.handle.shutdown().await;
+}
+
+#[tokio::test]
 async fn method_override_headers_are_decided_as_the_method_they_name() {
     let origin = origin().await;
     let rules = "rules:\n  - host: api.test\n    methods: [POST]\n    paths: [\"/v1/*\"]\n";
