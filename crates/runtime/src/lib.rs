@@ -14,3 +14,9 @@ pub mod provenance;
 pub mod shim;
 pub mod terminal;
 pub mod tripwire;
+
+/// Held by every test that starts or reaps child processes. The shim reaps *every* child
+/// of its process (`waitpid(-1)`, as a container's init must), so in the one test
+/// process it would steal the exit status of a child another test is waiting for.
+#[cfg(test)]
+pub(crate) static CHILDREN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

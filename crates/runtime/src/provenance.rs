@@ -653,6 +653,7 @@ mod tests {
 
     #[tokio::test]
     async fn commits_of_a_session_come_from_the_workspace_history() {
+        let _children = crate::CHILDREN.lock().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let ws = dir.path();
         assert_eq!(None, workspace_head(ws, None).await, "not a repository");
@@ -679,6 +680,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_gitdir_pointer_or_symlinked_git_is_not_followed() {
+        let _children = crate::CHILDREN.lock().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let real = dir.path().join("real");
         std::fs::create_dir(&real).expect("mkdir");
@@ -701,6 +703,7 @@ mod tests {
 
     #[tokio::test]
     async fn repository_hooks_and_fsmonitor_never_run() {
+        let _children = crate::CHILDREN.lock().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let ws = dir.path().join("ws");
         std::fs::create_dir(&ws).expect("mkdir");

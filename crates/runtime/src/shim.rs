@@ -244,6 +244,7 @@ mod tests {
 
     #[test]
     fn passes_exit_code_through_and_forwards_a_port() {
+        let _children = crate::CHILDREN.blocking_lock();
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("s.sock");
         let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
@@ -310,6 +311,7 @@ mod tests {
 
     #[test]
     fn missing_program_is_127() {
+        let _children = crate::CHILDREN.blocking_lock();
         assert_eq!(run(&[], &["/nonexistent/program".to_owned()]), 127);
     }
 }

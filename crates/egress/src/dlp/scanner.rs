@@ -337,20 +337,27 @@ impl Scanner {
         content_types: &[&str],
         host: Option<&str>,
     ) -> (Vec<Finding>, bool) {
+        let (findings, complete, _) = self.scan_with_views_counted(bytes, content_types, host);
+        (findings, complete)
+    }
+
+    /// [`Scanner::scan_with_views`], also saying how many of the findings (the first ones)
+    /// are in `bytes` themselves rather than in a view.
+    fn scan_with_views_counted(
+        &self,
+        bytes: &[u8],
+        content_types: &[&str],
+        host: Option<&str>,
+    ) -> (Vec<Finding>, bool, usize) {
         let mut findings = self.scan_buffer(bytes, host, &Location::Body);
+        let raw = findings.len();
         let views = views(
             bytes,
             content_types,
             self.max_decoded.saturating_mul(VIEW_BUDGET_FACTOR),
         );
-        if std::env::var_os("VIEWS_DEBUG").is_some() {
-            eprintln!(
-                "views: {:?}",
-                views.buffers.iter().map(Vec::len).collect::<Vec<_>>()
-            );
-        }
         if views.buffers.is_empty() {
-            return (findings, views.complete);
+            return (findings, views.complete, raw);
         }
         // A custody secret or placeholder is one leak whatever its form (base64 in the
         // bytes is raw in the base64 view); a rule match is the same one if its bytes are.
@@ -376,7 +383,7 @@ impl Scanner {
                 }
             }
         }
-        (findings, views.complete)
+        (findings, views.complete, raw)
     }
 
     /// Scans header values (header names are scanned too, as the `name: value` line the
@@ -394,8 +401,14 @@ impl Scanner {
             spans.push((start..buffer.len(), name.as_str()));
             buffer.push(b'\n');
         }
-        let mut findings = self.scan_buffer(&buffer, host, &Location::Body);
-        for finding in &mut findings {
+        // The views too (a key base64-encoded in a custom header, percent-encoded in a
+        // cookie): the raw findings come first and are placed in their header; a finding
+        // only a decoded view shows cannot be, and is located as `(decoded)`.
+        let (mut findings, _, raw) = self.scan_with_views_counted(&buffer, &[], host);
+        for finding in findings.iter_mut().skip(raw) {
+            finding.location = Location::Header("(decoded)".to_owned());
+        }
+        for finding in findings.iter_mut().take(raw) {
             let span = spans
                 .iter()
                 .find(|(range, _)| finding.offset < range.end.max(range.start + 1))

