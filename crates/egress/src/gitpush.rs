@@ -847,14 +847,7 @@ mod tests {
 
     #[test]
     fn no_input_makes_it_panic_or_pass_a_bad_ref() {
-        // A small xorshift: deterministic, no dependency.
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::xorshift();
         let seeds = [
             body(
                 &[

@@ -43,3 +43,16 @@ pub use gateway::{
     AttemptRecorder, BLOCK_HEADER, ERROR_HEADER, GatewayConfig, GatewayError, GatewayHandle,
     Limits, Listen, OverCap, start,
 };
+
+/// A small deterministic xorshift generator for the fuzz loops of the unit tests: no
+/// dependency, the same inputs on every run.
+#[cfg(test)]
+pub(crate) fn xorshift() -> impl FnMut() -> u64 {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}

@@ -612,13 +612,7 @@ mod tests {
 
     #[test]
     fn no_input_makes_the_parser_panic() {
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::xorshift();
         let seeds = [
             rustls_hello("api.test"),
             records(

@@ -133,6 +133,28 @@ impl Forge {
     }
 
     /// The ref in the served bare repository, if it exists.
+    /// Pushes HEAD to the run's branch, which lands at `head`, then to `main`, which is
+    /// refused and stays at `main_before`.
+    async fn run_branch_lands_and_main_is_refused(
+        &self,
+        checkout: &Path,
+        head: String,
+        main_before: Option<String>,
+    ) {
+        self.git_ok(checkout, &["push", "-q", "origin", "HEAD:bot-bottle/run-1"])
+            .await;
+        assert_eq!(
+            self.served_ref("owner/name", "refs/heads/bot-bottle/run-1"),
+            Some(head)
+        );
+        self.git_refused(checkout, &["push", "origin", "HEAD:main"])
+            .await;
+        assert_eq!(
+            self.served_ref("owner/name", "refs/heads/main"),
+            main_before
+        );
+    }
+
     fn served_ref(&self, repo: &str, name: &str) -> Option<String> {
         let out = run(
             &self.root.join(format!("{repo}.git")),
@@ -467,22 +489,8 @@ async fn sha256_ids_push_options_and_large_pushes_from_real_git_are_read() {
     commit_big(&checkout);
     let head = git_ok(&checkout, &["rev-parse", "HEAD"]).trim().to_string();
     forge
-        .git_ok(
-            &checkout,
-            &["push", "-q", "origin", "HEAD:bot-bottle/run-1"],
-        )
+        .run_branch_lands_and_main_is_refused(&checkout, head, main_before.clone())
         .await;
-    assert_eq!(
-        forge.served_ref("owner/name", "refs/heads/bot-bottle/run-1"),
-        Some(head)
-    );
-    forge
-        .git_refused(&checkout, &["push", "origin", "HEAD:main"])
-        .await;
-    assert_eq!(
-        forge.served_ref("owner/name", "refs/heads/main"),
-        main_before
-    );
     let blocks = forge.push_blocks();
     assert_eq!(blocks.len(), 2, "{blocks:?}");
     let pushes: Vec<serde_json::Value> = traffic(&forge.gw.audit_path)
@@ -542,22 +550,8 @@ async fn a_push_over_the_scan_cap_is_judged_from_its_start() {
     let head = git_ok(&checkout, &["rev-parse", "HEAD"]).trim().to_string();
     let main_before = forge.served_ref("owner/name", "refs/heads/main");
     forge
-        .git_ok(
-            &checkout,
-            &["push", "-q", "origin", "HEAD:bot-bottle/run-1"],
-        )
+        .run_branch_lands_and_main_is_refused(&checkout, head, main_before.clone())
         .await;
-    assert_eq!(
-        forge.served_ref("owner/name", "refs/heads/bot-bottle/run-1"),
-        Some(head)
-    );
-    forge
-        .git_refused(&checkout, &["push", "origin", "HEAD:main"])
-        .await;
-    assert_eq!(
-        forge.served_ref("owner/name", "refs/heads/main"),
-        main_before
-    );
     let blocks = forge.push_blocks();
     assert_eq!(blocks.len(), 1, "{blocks:?}");
     assert_eq!(blocks[0]["reason"], "git-ref-not-allowed");
