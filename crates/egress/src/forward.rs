@@ -37,21 +37,26 @@ pub(crate) enum Route<'a> {
     Tunnel(&'a TunnelUpstream),
 }
 
-enum Collected {
+enum Collected<B> {
     Whole(Bytes, OwnedSemaphorePermit),
-    Over(Bytes, Incoming, OwnedSemaphorePermit),
+    Over(Bytes, B, OwnedSemaphorePermit),
     /// The gateway's body memory budget ran out (how many bytes were buffered then).
     OverBudget(usize),
 }
 
-/// Buffers a request body up to the scan cap, taking a share of the gateway's body memory
-/// budget for every byte it holds. It never waits for memory: a body that does not fit
-/// now is refused, so a bottle cannot park the gateway on its own bodies.
-async fn collect_capped(
-    mut body: Incoming,
+/// Buffers a body (a request's, or a compressed response that must be decoded to be
+/// scrubbed) up to the scan cap, taking a share of the gateway's body memory budget for
+/// every byte it holds. It never waits for memory: a body that does not fit now is
+/// refused, so a bottle cannot park the gateway on its own bodies.
+async fn collect_capped<B>(
+    mut body: B,
     cap: usize,
     budget: &Arc<Semaphore>,
-) -> Result<Collected, String> {
+) -> Result<Collected<B>, String>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let mut buf = BytesMut::new();
     let mut held = Arc::clone(budget)
         .try_acquire_many_owned(0)
@@ -609,14 +614,14 @@ pub(crate) async fn process(
                 .split(',')
                 .any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"))
         });
-        if encoding.is_some() {
+        if let Some(encoding) = encoding {
             // The gateway asked for `identity`; an origin that compresses anyway is
             // decoded here so the scrubber can read what the bottle would.
-            match decode_response(&shared, response_body, encoding.unwrap_or_default()).await {
+            match decode_response(&shared, response_body, encoding).await {
                 Ok(decoded) => {
                     parts.headers.remove(header::CONTENT_ENCODING);
                     parts.headers.remove(header::CONTENT_LENGTH);
-                    response_body = full_body(decoded);
+                    response_body = decoded;
                 }
                 Err(why) => {
                     draft.decision = AuditDecision::Block;
@@ -682,36 +687,37 @@ async fn send_plain(
         .map_err(|e| SendError::Upstream(e.to_string()))
 }
 
-/// Reads a compressed response whole (at most the scan cap, within the body timeout) and
-/// undoes its codings off the async workers. Anything that cannot be read back in full
-/// is an error: a body the scrubber cannot read does not reach the bottle.
+/// Reads a compressed response whole (at most the scan cap, within the body timeout, its
+/// bytes counted in the body memory budget until the decoded body has been sent) and
+/// undoes its codings off the async workers. Anything that cannot be read back in full is
+/// an error: a body the scrubber cannot read does not reach the bottle.
 async fn decode_response(
     shared: &Arc<Shared>,
     body: ProxyBody,
     encoding: String,
-) -> Result<Bytes, String> {
+) -> Result<ProxyBody, String> {
     let cap = shared.scanner.max_decoded();
-    let collected = async {
-        let mut body = body;
-        let mut buf = BytesMut::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("the upstream body failed: {e}"))?;
-            if let Ok(data) = frame.into_data() {
-                buf.extend_from_slice(&data);
-                if buf.len() > cap {
-                    return Err(format!(
-                        "a `{encoding}` response toward a credential's host is over the {cap}-byte cap, so it cannot be scrubbed"
-                    ));
-                }
-            }
+    let collected = tokio::time::timeout(
+        shared.limits.body_read_timeout,
+        collect_capped(body, cap, &shared.body_memory),
+    )
+    .await
+    .map_err(|_| "the compressed response did not arrive in time to be scrubbed".to_string())?
+    .map_err(|e| format!("the upstream body failed: {e}"))?;
+    let (raw, memory) = match collected {
+        Collected::Whole(raw, memory) => (raw, memory),
+        Collected::Over(..) => {
+            return Err(format!(
+                "a `{encoding}` response toward a credential's host is over the {cap}-byte cap, so it cannot be scrubbed"
+            ));
         }
-        Ok(buf.freeze())
+        Collected::OverBudget(_) => {
+            return Err(format!(
+                "the gateway's {}-byte body memory budget is in use, so a `{encoding}` response cannot be held to be scrubbed",
+                shared.limits.body_memory_budget
+            ));
+        }
     };
-    let raw = tokio::time::timeout(shared.limits.body_read_timeout, collected)
-        .await
-        .map_err(|_| {
-            "the compressed response did not arrive in time to be scrubbed".to_string()
-        })??;
     let slot = Arc::clone(&shared.scan_slots).acquire_owned().await;
     let decoded = tokio::task::spawn_blocking(move || {
         let _slot = slot;
@@ -727,7 +733,12 @@ async fn decode_response(
     })
     .await
     .map_err(|e| format!("decoding failed: {e}"))??;
-    Ok(decoded)
+    Ok(
+        Metered::new(full_body(decoded), Arc::new(AtomicU64::new(0)), move || {
+            drop(memory)
+        })
+        .boxed_unsync(),
+    )
 }
 
 #[cfg(test)]

@@ -69,6 +69,20 @@ fn reflecting_origin() -> Handler {
                     .headers_mut()
                     .append("content-encoding", HeaderValue::from_static("gzip"));
                 response
+            } else if path == "/gzip-bomb" {
+                // 20 MiB of zeros in about 20 KB: over the 8 MiB cap once decoded.
+                let mut encoder =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                let zeros = vec![0u8; 1 << 20];
+                for _ in 0..20 {
+                    encoder.write_all(&zeros).expect("gzip");
+                }
+                let mut response =
+                    hyper::Response::new(Full::new(Bytes::from(encoder.finish().expect("gzip"))));
+                response
+                    .headers_mut()
+                    .insert("content-encoding", HeaderValue::from_static("gzip"));
+                response
             } else if path == "/bad-gzip" {
                 let mut body = b"\x1f\x8b not really gzip ".to_vec();
                 body.extend_from_slice(lines.as_bytes());
@@ -293,6 +307,20 @@ async fn a_compressed_echo_is_decoded_and_scrubbed_or_refused() {
         "both coding lines are undone before scrubbing: {split}"
     );
     assert_no_trace(&split, &token, "identity-then-gzip echo");
+
+    let bomb = exchange(
+        proxy,
+        &ca,
+        "GET /gzip-bomb HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(bomb.starts_with("HTTP/1.1 502"), "{bomb:.300}");
+    assert!(
+        bomb.to_ascii_lowercase()
+            .contains("x-bot-bottle-error: undecodable-response"),
+        "{bomb:.300}"
+    );
+    assert!(bomb.len() < 4096, "the bomb's bytes reached the bottle");
 
     let refused = exchange(
         proxy,
