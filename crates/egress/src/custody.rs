@@ -304,10 +304,7 @@ pub(crate) fn scrub_header_map(headers: &mut HeaderMap, pairs: &[(Vec<u8>, Vec<u
     let mut invalid: Vec<HeaderName> = Vec::new();
     for (name, value) in headers.iter_mut() {
         let bytes = value.as_bytes();
-        if !pairs
-            .iter()
-            .any(|(secret, _)| memchr::memmem::find(bytes, secret).is_some())
-        {
+        if !reveals_any(bytes, pairs) {
             continue;
         }
         changed = true;
@@ -329,13 +326,18 @@ pub(crate) fn scrub_reason(
     pairs: &[(Vec<u8>, Vec<u8>)],
 ) -> Option<hyper::ext::ReasonPhrase> {
     let bytes = phrase.as_bytes();
-    if !pairs
-        .iter()
-        .any(|(secret, _)| memchr::memmem::find(bytes, secret).is_some())
-    {
+    if !reveals_any(bytes, pairs) {
         return Some(phrase.clone());
     }
     hyper::ext::ReasonPhrase::try_from(replace_all(bytes, pairs)).ok()
+}
+
+/// Whether `bytes` hold any secret of `pairs`: the cheap check before [`replace_all`]
+/// copies anything.
+fn reveals_any(bytes: &[u8], pairs: &[(Vec<u8>, Vec<u8>)]) -> bool {
+    pairs
+        .iter()
+        .any(|(secret, _)| memchr::memmem::find(bytes, secret).is_some())
 }
 
 pub(crate) fn replace_all(data: &[u8], pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
@@ -383,9 +385,8 @@ pub(crate) struct Scrubbed<B> {
 }
 
 impl<B> Scrubbed<B> {
-    pub(crate) fn new(inner: B, credentials: &[&ResolvedCredential]) -> Self {
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> =
-            credentials.iter().flat_map(|c| c.scrub_pairs()).collect();
+    /// `pairs` are the injected credentials' [`ResolvedCredential::scrub_pairs`].
+    pub(crate) fn new(inner: B, pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
         let hold = pairs.iter().map(|(s, _)| s.len()).max().unwrap_or(1) - 1;
         Scrubbed {
             inner,
@@ -640,7 +641,7 @@ mod tests {
             ]
             .into(),
         );
-        let out = Scrubbed::new(body, &[&c])
+        let out = Scrubbed::new(body, c.scrub_pairs())
             .collect()
             .await
             .expect("collect")
@@ -685,7 +686,10 @@ mod tests {
             ]
             .into(),
         );
-        let collected = Scrubbed::new(body, &[&c]).collect().await.expect("collect");
+        let collected = Scrubbed::new(body, c.scrub_pairs())
+            .collect()
+            .await
+            .expect("collect");
         let trailers = collected.trailers().cloned().expect("trailers kept");
         assert_eq!(
             trailers["x-echo"],

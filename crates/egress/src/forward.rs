@@ -640,7 +640,7 @@ pub(crate) async fn process(
         if lengths_differ {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
-        response_body = Scrubbed::new(response_body, &injected).boxed_unsync();
+        response_body = Scrubbed::new(response_body, scrub).boxed_unsync();
     }
     let down = Arc::new(AtomicU64::new(0));
     let down_read = down.clone();
