@@ -16,6 +16,8 @@ use bot_bottle_egress::dlp::{CustodySecret, DlpRules, Scanner};
 #[path = "../tests/it/dlp_cases.rs"]
 mod dlp_cases;
 
+use dlp_cases::Rng;
+
 const GITLEAKS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../../shared/testdata/gitleaks.toml"
@@ -180,20 +182,12 @@ fn add_dir(docs: &mut Vec<Vec<u8>>, dir: &std::path::Path) {
     }
 }
 
-/// Deterministic xorshift so every run scans the same corpus.
-struct Rng(u64);
-
+/// The corpus's draws, on the case file's xorshift, so every run scans the same corpus.
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+    fn pick_str<'a>(&mut self, items: &[&'a str]) -> &'a str {
         items[self.below(items.len())]
     }
 }
@@ -231,7 +225,7 @@ fn sentence(rng: &mut Rng, out: &mut String) {
         if i > 0 {
             out.push(' ');
         }
-        out.push_str(rng.pick(WORDS));
+        out.push_str(rng.pick_str(WORDS));
     }
     out.push_str(". ");
 }
@@ -262,12 +256,12 @@ fn json_doc(rng: &mut Rng, size: usize) -> String {
         sentence(rng, &mut content);
         out.push_str(&format!(
             "{{\"role\":\"{}\",\"content\":[{{\"type\":\"text\",\"text\":\"{}\"}},{{\"type\":\"tool_use\",\"id\":\"toolu_{}\",\"name\":\"{}\",\"input\":{{\"{}\":\"{}\",\"line\":{}}}}}]}},",
-            rng.pick(&["user", "assistant"]),
+            rng.pick_str(&["user", "assistant"]),
             content,
             random_token(rng, 24),
-            rng.pick(&["read_file", "bash", "edit", "grep"]),
-            rng.pick(IDENTS),
-            rng.pick(WORDS),
+            rng.pick_str(&["read_file", "bash", "edit", "grep"]),
+            rng.pick_str(IDENTS),
+            rng.pick_str(WORDS),
             rng.below(5000)
         ));
     }
@@ -278,7 +272,7 @@ fn json_doc(rng: &mut Rng, size: usize) -> String {
 fn code_doc(rng: &mut Rng, size: usize) -> String {
     let mut out = String::with_capacity(size + 256);
     while out.len() < size {
-        let name = rng.pick(IDENTS);
+        let name = rng.pick_str(IDENTS);
         match rng.below(6) {
             0 => out.push_str(&format!(
                 "fn handle_{name}(input: &str) -> Result<String, Error> {{\n    let {name} = parse(input)?;\n    Ok({name}.to_string())\n}}\n\n"
@@ -289,22 +283,22 @@ fn code_doc(rng: &mut Rng, size: usize) -> String {
             )),
             2 => out.push_str(&format!(
                 "def {name}_{}(self, {}):\n    return self.{}.get(\"{}\")\n\n",
-                rng.pick(WORDS),
-                rng.pick(IDENTS),
-                rng.pick(IDENTS),
-                rng.pick(WORDS)
+                rng.pick_str(WORDS),
+                rng.pick_str(IDENTS),
+                rng.pick_str(IDENTS),
+                rng.pick_str(WORDS)
             )),
             3 => out.push_str(&format!(
                 "    // {} {} {}\n",
-                rng.pick(WORDS),
-                rng.pick(WORDS),
-                rng.pick(WORDS)
+                rng.pick_str(WORDS),
+                rng.pick_str(WORDS),
+                rng.pick_str(WORDS)
             )),
             4 => out.push_str(&format!(
                 "const {}_{}: &str = \"{}\";\n",
                 name.to_ascii_uppercase(),
                 rng.below(100),
-                rng.pick(WORDS)
+                rng.pick_str(WORDS)
             )),
             _ => out.push_str(&format!(
                 "    if {name}.len() > {} {{ return Err(Error::TooLong); }}\n",

@@ -112,11 +112,12 @@ pub fn score(scanner: &Scanner, cases: &[Case]) -> Score {
     score
 }
 
-/// Deterministic xorshift, so every run builds the same cases.
-struct Rng(u64);
+/// Deterministic xorshift, so every run builds the same cases (the dlp bench, which
+/// includes this file, builds its corpus with it too).
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use bot_bottle_core::credential::{CredentialSource, CredentialSpec, Inject};
-use bot_bottle_egress::{GatewayConfig, OverCap, ResolvedCredential};
+use bot_bottle_core::credential::Inject;
+use bot_bottle_egress::{GatewayConfig, OverCap};
 
 use crate::clients::{GIT_TOKEN, bare_repo, git_backend, git_ok, run};
 use crate::support::{TestGateway, TestPki, curl, policy, tls_gateway_with, tls_origin, traffic};
@@ -47,20 +47,14 @@ impl Forge {
         repos(&root, &work);
         let origin = tls_origin(&pki, &["git.test"], Some(git_backend(root.clone()))).await;
         let rules = policy(rules);
-        let gitea = ResolvedCredential::with_value(
-            CredentialSpec {
-                name: "gitea".into(),
-                source: CredentialSource::Env("UNUSED".into()),
-                hosts: vec!["git.test".into()],
-                inject: Inject::Basic {
-                    username: "bot".into(),
-                },
-                env: None,
+        let gitea = crate::mitm::credential(
+            "gitea",
+            "git.test",
+            Inject::Basic {
+                username: "bot".into(),
             },
-            "bottle-gitrefs",
-            GIT_TOKEN.into(),
-        )
-        .expect("credential");
+            GIT_TOKEN,
+        );
         let placeholder = gitea.placeholder().to_string();
         let (gw, ca) =
             tls_gateway_with(rules, &[("git.test", origin)], &pki, vec![gitea], tweak).await;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use bot_bottle_core::credential::{CredentialSource, CredentialSpec, Inject};
-use bot_bottle_egress::{Limits, OverCap, ResolvedCredential};
+use bot_bottle_core::credential::Inject;
+use bot_bottle_egress::{Limits, OverCap};
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -42,18 +42,12 @@ struct Setup {
 async fn setup(tweak: impl FnOnce(&mut bot_bottle_egress::GatewayConfig)) -> Setup {
     let pki = TestPki::new();
     let origin = tls_origin(&pki, &["api.test", "other.test"], None).await;
-    let gitea = ResolvedCredential::with_value(
-        CredentialSpec {
-            name: "gitea".into(),
-            source: CredentialSource::Env("UNUSED".into()),
-            hosts: vec!["git.test".into()],
-            inject: Inject::Bearer,
-            env: None,
-        },
-        "bottle-views",
-        ["views", "test", "token", "0123456789abcdef"].join("-"),
-    )
-    .expect("credential");
+    let gitea = crate::mitm::credential(
+        "gitea",
+        "git.test",
+        Inject::Bearer,
+        &["views", "test", "token", "0123456789abcdef"].join("-"),
+    );
     let placeholder = gitea.placeholder().to_owned();
     let (gw, ca) = tls_gateway_with(
         policy("rules:\n  - host: api.test\n  - host: other.test\n"),
