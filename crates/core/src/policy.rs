@@ -732,6 +732,15 @@ impl EgressPolicy {
     /// The method does not matter (a method-override header could make a `GET` a push).
     #[must_use]
     pub fn push_scope(&self, facts: &RequestFacts<'_>) -> PushScope<'_> {
+        // Most policies scope no push: skip the path work every request would pay.
+        let any_scoped = self.rules.iter().any(|rule| {
+            rule.git
+                .as_ref()
+                .is_some_and(|git| !git.push_refs.is_empty())
+        });
+        if !any_scoped {
+            return PushScope::Unrestricted;
+        }
         let decoded = percent_decode(facts.path.as_bytes());
         let endpoint = decoded
             .split(|&b| b == b'/')

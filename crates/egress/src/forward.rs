@@ -214,12 +214,13 @@ pub(crate) async fn process(
     );
 
     // A push held to a git rule's `push_refs` keeps the body's start for `gitpush::check`.
-    let push_globs = crate::gitpush::scope(
+    let push_scopes = crate::gitpush::scope(
         &policy,
         &parts.method,
         &target.host,
         target.port,
         &parts.uri,
+        &parts.headers,
     );
     let mut git_head: Option<Bytes> = None;
 
@@ -282,7 +283,7 @@ pub(crate) async fn process(
                 return response;
             }
             Ok(Ok(Collected::Whole(bytes, memory))) => {
-                if push_globs.is_some() {
+                if !push_scopes.is_empty() {
                     git_head = Some(bytes.clone());
                 }
                 match scan_off_workers(
@@ -321,7 +322,7 @@ pub(crate) async fn process(
                 Metered::new(full_body(bytes), counted, move || drop(memory)).boxed_unsync()
             }
             Ok(Ok(Collected::Over(prefix, rest, memory))) => {
-                if push_globs.is_some() {
+                if !push_scopes.is_empty() {
                     git_head = Some(prefix.clone());
                 }
                 if shared.over_cap == OverCap::Block {
@@ -401,13 +402,13 @@ pub(crate) async fn process(
 
     // Git push scope: every ref-update command must fit the rule's `push_refs`, or the
     // whole push is refused before a byte of it goes upstream.
-    if let Some(globs) = &push_globs {
-        let encodings: Vec<&[u8]> = parts
-            .headers
-            .get_all(header::CONTENT_ENCODING)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect();
+    let encodings: Vec<&[u8]> = parts
+        .headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    for globs in &push_scopes {
         match crate::gitpush::check(globs, git_head.as_deref().unwrap_or_default(), &encodings) {
             Ok(refs) => {
                 draft.detail.get_or_insert(refs);

@@ -15,7 +15,9 @@
 
 use std::fmt;
 
-use bot_bottle_core::policy::{EgressPolicy, PushScope, RequestFacts, glob_matches};
+use bot_bottle_core::policy::{
+    EgressPolicy, PATH_OVERRIDE_HEADERS, PushScope, RequestFacts, glob_matches,
+};
 
 /// The most bytes of commands and push options read from the start of a body.
 pub(crate) const MAX_SECTION: usize = 1 << 20;
@@ -285,27 +287,41 @@ pub(crate) struct Refusal {
     pub(crate) detail: String,
 }
 
-/// The `push_refs` globs a request is held to: `Some` only for a `git-receive-pack`
-/// request (any method) to a repository that a git rule for its host and port restricts (see
-/// [`EgressPolicy::push_scope`]).
+/// The `push_refs` globs a request is held to: one list for its own path and one for
+/// each path a path-override header (`X-Original-URL`, `X-Rewrite-URL`) names, since an
+/// origin that honours the header serves that path instead; each restricted path adds
+/// its list, and the push must fit every list. Empty when nothing restricts the request.
 pub(crate) fn scope<'p>(
     policy: &'p EgressPolicy,
     method: &hyper::Method,
     host: &str,
     port: u16,
     uri: &hyper::Uri,
-) -> Option<Vec<&'p str>> {
-    let facts = RequestFacts {
-        host,
-        port,
-        method: method.as_str(),
-        path: uri.path(),
-        query: uri.query(),
-    };
-    match policy.push_scope(&facts) {
-        PushScope::Unrestricted => None,
-        PushScope::Refs(globs) => Some(globs),
-    }
+    headers: &hyper::HeaderMap,
+) -> Vec<Vec<&'p str>> {
+    let overrides = PATH_OVERRIDE_HEADERS
+        .iter()
+        .flat_map(|name| headers.get_all(*name))
+        .filter_map(|value| value.to_str().ok());
+    std::iter::once((uri.path(), uri.query()))
+        .chain(overrides.map(|named| match named.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (named, None),
+        }))
+        .filter_map(|(path, query)| {
+            let facts = RequestFacts {
+                host,
+                port,
+                method: method.as_str(),
+                path,
+                query,
+            };
+            match policy.push_scope(&facts) {
+                PushScope::Unrestricted => None,
+                PushScope::Refs(globs) => Some(globs),
+            }
+        })
+        .collect()
 }
 
 /// Decides a receive-pack body held to `globs`. `head` is the body as the gateway has

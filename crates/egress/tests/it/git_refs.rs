@@ -411,6 +411,29 @@ async fn a_broad_host_rule_does_not_widen_push_refs() {
         result.header("x-bot-bottle-block").as_deref(),
         Some("git-ref-not-allowed")
     );
+
+    // The same body to the fetch endpoint, with a path-override header naming the push
+    // endpoint: an origin that honours the header would run the push, so it is scoped.
+    let result = curl(
+        &forge.gw.proxy_url(),
+        &[
+            "--cacert",
+            &forge.ca,
+            "-H",
+            "X-Original-URL: /owner/name.git/git-receive-pack",
+            "-H",
+            "Content-Encoding: gzip",
+            "--data-binary",
+            &format!("@{}", body_path.to_str().expect("utf8")),
+            "https://git.test/owner/name.git/git-upload-pack",
+        ],
+    )
+    .await;
+    assert_eq!(result.status, 403, "{}", result.body);
+    assert_eq!(
+        result.header("x-bot-bottle-block").as_deref(),
+        Some("git-ref-not-allowed")
+    );
     assert_eq!(forge.served_ref("owner/name", "refs/heads/main"), Some(old));
     forge.gw.handle.shutdown().await;
 }
