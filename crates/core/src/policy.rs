@@ -720,6 +720,16 @@ pub enum PushScope<'a> {
 }
 
 impl EgressPolicy {
+    /// Hex SHA-256 of the policy's JSON: what the gateway's start event records and what
+    /// a session's provenance names, so the two can be compared.
+    #[must_use]
+    pub fn sha256_hex(&self) -> String {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(
+            serde_json::to_vec(self).unwrap_or_default(),
+        ))
+    }
+
     /// The ref scope of a request: [`PushScope::Refs`] when it is a smart-HTTP
     /// `git-receive-pack` request to a repository that some git rule for the same host and
     /// port restricts with `push_refs`. Such a rule binds every push to that repository,

@@ -19,7 +19,6 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -485,7 +484,6 @@ impl AttemptRecorder {
 }
 
 fn policy_summary(policy: &EgressPolicy) -> String {
-    let canonical = serde_json::to_vec(policy).unwrap_or_default();
     format!(
         "policy: {} rules, audit {}, sha256 {}",
         policy.rules.len(),
@@ -493,7 +491,7 @@ fn policy_summary(policy: &EgressPolicy) -> String {
             AuditLevel::Blocks => "blocks",
             AuditLevel::All => "all",
         },
-        hex::encode(Sha256::digest(&canonical))
+        policy.sha256_hex()
     )
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bot_bottle_core::policy::EgressPolicy;
 use bot_bottle_core::provenance::{
     DlpResult, EgressSummary, HostCounts, LogHead, MAX_SUMMARY_HOSTS, OTHER_HOSTS,
-    ResourceDescriptor, sha256_digest,
+    ResourceDescriptor,
 };
 use bot_bottle_egress::audit::{AuditDecision, Entry, EventKind, read_entries};
 use sha2::{Digest, Sha256};
@@ -157,7 +157,7 @@ pub fn tally_reader<R: BufRead>(
 /// `sha256:<hex>` of the policy's canonical JSON (`serde_json`, keys in struct order).
 #[must_use]
 pub fn policy_digest(policy: &EgressPolicy) -> String {
-    sha256_digest(&serde_json::to_vec(policy).unwrap_or_default())
+    format!("sha256:{}", policy.sha256_hex())
 }
 
 /// `sha256:<hex>` over a manifest snapshot directory: every regular file under it, in
@@ -384,6 +384,7 @@ pub fn write_envelopes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bot_bottle_core::provenance::sha256_digest;
     use bot_bottle_egress::audit::{AuditLog, DlpRecord, EventDraft};
     use std::collections::BTreeMap;
 
