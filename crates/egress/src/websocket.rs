@@ -352,7 +352,10 @@ where
                             Some(format!("{detail}: only part of them was scanned"));
                         findings
                     }
-                    ScanOutcome::Undecodable { .. } => Vec::new(),
+                    // A message that was not read is not forwarded (fail closed).
+                    ScanOutcome::Undecodable { reason } => {
+                        return Some(("dlp-undecodable-message", reason, POLICY_VIOLATION));
+                    }
                 };
                 outcome.scanned += 1;
                 let verdict = judge(&findings);
