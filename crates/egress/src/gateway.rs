@@ -202,8 +202,10 @@ pub(crate) struct Shared {
     audit_failed: std::sync::atomic::AtomicBool,
     /// Why the audit log could not be written, with a hint, for [`GatewayHandle::failed`].
     audit_failure: std::sync::Mutex<Option<String>>,
-    /// Rate limit on block events (see [`crate::audit::BlockLimiter`]).
-    blocks: std::sync::Mutex<crate::audit::BlockLimiter>,
+    /// Rate limits on block events (see [`crate::audit::BlockLimiter`]): one for plain
+    /// policy denials, one for blocks that carry evidence (DLP findings, a credential),
+    /// so a flood of denials cannot use up the lines a leak attempt's evidence needs.
+    blocks: std::sync::Mutex<[crate::audit::BlockLimiter; 2]>,
     /// Wakes [`GatewayHandle::failed`] when the gateway can no longer do its job.
     failure: tokio::sync::Notify,
 }
@@ -235,7 +237,8 @@ impl Shared {
                 .blocks
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .admit(&draft, Instant::now())
+                [usize::from(!draft.dlp.is_empty() || draft.credential.is_some())]
+            .admit(&draft, Instant::now())
         {
             return;
         }
@@ -245,12 +248,15 @@ impl Shared {
     /// Writes the count of block events the limiter held back, if it is due (`force`:
     /// now, whatever is pending).
     pub(crate) fn flush_held_back_blocks(&self, force: bool) {
-        let summary = self
+        let now = Instant::now();
+        let summaries: Vec<EventDraft> = self
             .blocks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .summary(Instant::now(), force);
-        if let Some(draft) = summary {
+            .iter_mut()
+            .filter_map(|limiter| limiter.summary(now, force))
+            .collect();
+        for draft in summaries {
             self.write(draft);
         }
     }
@@ -382,7 +388,10 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         timer: crate::timer::CoarseTimer::default(),
         audit_failed: std::sync::atomic::AtomicBool::new(false),
         audit_failure: std::sync::Mutex::new(None),
-        blocks: std::sync::Mutex::new(crate::audit::BlockLimiter::default()),
+        blocks: std::sync::Mutex::new([
+            crate::audit::BlockLimiter::default(),
+            crate::audit::BlockLimiter::default(),
+        ]),
         failure: tokio::sync::Notify::new(),
     });
     let mut started = EventDraft::new(EventKind::Gateway, AuditDecision::Info, "gateway-started");

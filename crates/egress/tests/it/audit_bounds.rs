@@ -289,3 +289,50 @@ async fn a_planted_garbage_line_is_named_and_the_rest_is_read_and_verified() {
     assert!(matches!(err, AuditError::Broken { line: 3, .. }), "{err}");
     drop(dir);
 }
+
+/// A flood of plain denials must not use up the lines a leak attempt's evidence needs:
+/// the DLP block right after it is written in full, with its finding.
+#[tokio::test]
+async fn a_flood_of_denials_does_not_hide_a_dlp_block() {
+    let origin = origin().await;
+    let gw = gateway(
+        policy("rules:\n  - host: api.test\n"),
+        &[("api.test", origin)],
+    )
+    .await;
+    let addr = gw.handle.tcp_addr().expect("tcp");
+    for i in 0..60 {
+        let request = format!(
+            "GET http://denied.test/flood/{i} HTTP/1.1\r\nHost: denied.test\r\nConnection: close\r\n\r\n"
+        );
+        let status = raw_request(addr, request.as_bytes()).await;
+        assert!(status.starts_with("HTTP/1.1 403"), "{status}");
+    }
+    let key = fake_access_keys(1);
+    let key = String::from_utf8(key).expect("ascii");
+    let body = format!("aws_access_key_id={}", key.trim());
+    let request = format!(
+        "POST http://api.test/leak HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let status = raw_request(addr, request.as_bytes()).await;
+    assert!(status.starts_with("HTTP/1.1 403"), "{status}");
+    let audit_path = gw.audit_path.clone();
+    gw.handle.shutdown().await;
+    let lines = audit_lines(&audit_path);
+    let leak = lines
+        .iter()
+        .find(|e| e["path"] == "/leak")
+        .unwrap_or_else(|| panic!("the DLP block was held back: {lines:?}"));
+    assert_eq!(leak["reason"], "dlp-blocked");
+    assert!(
+        leak["dlp"].to_string().contains("aws-access-key-id"),
+        "{leak}"
+    );
+    // The flood itself was still limited.
+    let denials = lines
+        .iter()
+        .filter(|e| e["host"] == "denied.test" && e["decision"] == "block")
+        .count();
+    assert!(denials < 60, "{denials} denial lines");
+}
