@@ -551,10 +551,13 @@ pub(crate) async fn process(
                         crate::websocket::relay(
                             TokioIo::new(client),
                             TokioIo::new(upstream),
-                            &shared_ws.scanner,
+                            crate::websocket::MessageScan {
+                                scanner: &shared_ws.scanner,
+                                slots: &shared_ws.scan_slots,
+                                over_cap: shared_ws.over_cap,
+                            },
                             &host,
                             scrub,
-                            shared_ws.over_cap,
                             SPLICE_GRACE,
                         )
                         .await,

@@ -238,7 +238,15 @@ fn judge(findings: &[Finding]) -> Verdict {
 /// Scans a message; on a multi-threaded runtime (the product's) the worker hands its other
 /// tasks to the rest of the pool first, so a large message does not stall other
 /// connections. A one-thread runtime has nowhere to hand them, so the scan runs in place.
-fn scan_off_worker(scanner: &Scanner, message: &[u8], host: &str) -> ScanOutcome {
+/// Scans share the gateway's scan slots with request bodies (`slots`), so at most one per
+/// core runs at once, whatever mix of bodies and messages a bottle sends.
+async fn scan_off_worker(
+    slots: &tokio::sync::Semaphore,
+    scanner: &Scanner,
+    message: &[u8],
+    host: &str,
+) -> ScanOutcome {
+    let _slot = slots.acquire().await;
     let multi_thread = tokio::runtime::Handle::try_current()
         .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     let scan = || {
@@ -253,15 +261,22 @@ fn scan_off_worker(scanner: &Scanner, message: &[u8], host: &str) -> ScanOutcome
     }
 }
 
+/// How [`relay`] scans what the bottle sends: the gateway's scanner, its scan slots
+/// (shared with request bodies) and its over-cap policy.
+pub(crate) struct MessageScan<'a> {
+    pub scanner: &'a Scanner,
+    pub slots: &'a tokio::sync::Semaphore,
+    pub over_cap: OverCap,
+}
+
 /// Relays one upgraded connection, scanning what the bottle sends, and scrubbing what it
 /// receives when `scrub` (real value → placeholder) is not empty.
 pub(crate) async fn relay<C, U>(
     client: C,
     upstream: U,
-    scanner: &Scanner,
+    scan: MessageScan<'_>,
     host: &str,
     scrub: Vec<(Vec<u8>, Vec<u8>)>,
-    over_cap: OverCap,
     grace: std::time::Duration,
 ) -> Outcome
 where
@@ -273,6 +288,11 @@ where
     // Both directions write to the bottle: the server's frames, and a refusal's close.
     let client_write = Arc::new(tokio::sync::Mutex::new(client_write));
     let down = AtomicU64::new(0);
+    let MessageScan {
+        scanner,
+        slots,
+        over_cap,
+    } = scan;
     let cap = scanner.max_decoded();
     let mut outcome = Outcome::default();
 
@@ -338,7 +358,7 @@ where
                     }
                     std::mem::take(&mut message)
                 };
-                let findings = match scan_off_worker(scanner, &whole, host) {
+                let findings = match scan_off_worker(slots, scanner, &whole, host).await {
                     ScanOutcome::Scanned(findings) => findings,
                     ScanOutcome::TooLarge { findings, .. } => {
                         let detail = format!(
@@ -479,10 +499,13 @@ mod tests {
             relay(
                 client,
                 upstream,
-                &scanner,
+                MessageScan {
+                    scanner: &scanner,
+                    slots: &tokio::sync::Semaphore::new(1),
+                    over_cap: OverCap::Block,
+                },
                 HOST,
                 Vec::new(),
-                OverCap::Block,
                 std::time::Duration::from_secs(1),
             )
             .await
@@ -503,6 +526,48 @@ mod tests {
         let outcome = relay.await.expect("relay");
         assert_eq!(outcome.scanned, 1);
         assert!(!gate_state(HOST).1);
+    }
+
+    #[tokio::test]
+    async fn a_message_waits_for_a_scan_slot() {
+        let (client, mut bottle) = tokio::io::duplex(1 << 16);
+        let (upstream, mut origin) = tokio::io::duplex(1 << 16);
+        // No free slot: every scan of the gateway (bodies and messages) is taken.
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let relay_slots = std::sync::Arc::clone(&slots);
+        let relay = tokio::spawn(async move {
+            let scanner = Scanner::new(crate::dlp::DlpRules::builtin(), Vec::new());
+            relay(
+                client,
+                upstream,
+                MessageScan {
+                    scanner: &scanner,
+                    slots: &relay_slots,
+                    over_cap: OverCap::Block,
+                },
+                "slots.test",
+                Vec::new(),
+                std::time::Duration::from_secs(1),
+            )
+            .await
+        });
+        let frame = client_frame(true, 0x1, b"hello");
+        bottle.write_all(&frame).await.expect("write");
+        let mut forwarded = vec![0u8; frame.len()];
+        let early = tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            origin.read_exact(&mut forwarded),
+        )
+        .await;
+        assert!(
+            early.is_err(),
+            "a message went upstream without a scan slot"
+        );
+        slots.add_permits(1);
+        origin.read_exact(&mut forwarded).await.expect("forwarded");
+        drop(bottle);
+        drop(origin);
+        assert_eq!(relay.await.expect("relay").scanned, 1);
     }
 
     /// A client frame: masked, as RFC 6455 requires of clients.
