@@ -199,9 +199,9 @@ pub(crate) struct Shared {
     pub(crate) scan_slots: Arc<tokio::sync::Semaphore>,
     /// hyper's header-read and keep-alive deadlines (see [`crate::timer`]).
     pub(crate) timer: crate::timer::CoarseTimer,
-    audit_failed: std::sync::atomic::AtomicBool,
-    /// Why the audit log could not be written, with a hint, for [`GatewayHandle::failed`].
-    audit_failure: std::sync::Mutex<Option<String>>,
+    /// Set once the audit log could not be written: why, with a hint, for
+    /// [`GatewayHandle::failed`]. From then on nothing is let out.
+    audit_failure: std::sync::OnceLock<String>,
     /// Rate limits on block events (see [`crate::audit::BlockLimiter`]): one for plain
     /// policy denials, one for blocks that carry evidence (DLP findings, a credential),
     /// so a flood of denials cannot use up the lines a leak attempt's evidence needs.
@@ -264,13 +264,9 @@ impl Shared {
     fn write(&self, draft: EventDraft) {
         if let Err(err) = self.audit.append(draft) {
             // From now on nothing is allowed out: an unaudited decision is not made.
-            let why = crate::audit::describe_write_failure(&err);
-            self.audit_failure
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get_or_insert(why);
-            self.audit_failed
-                .store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = self
+                .audit_failure
+                .set(crate::audit::describe_write_failure(&err));
             self.failure.notify_waiters();
             tracing::error!(error = %err, "audit write failed; refusing all egress");
         }
@@ -278,15 +274,13 @@ impl Shared {
 
     /// The 503 every request gets once the audit log cannot be written.
     pub(crate) fn audit_refusal(&self) -> Option<Response<ProxyBody>> {
-        self.audit_failed
-            .load(std::sync::atomic::Ordering::SeqCst)
-            .then(|| {
-                error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "audit-unavailable",
-                    "the gateway cannot write its audit log, so it lets nothing out",
-                )
-            })
+        self.audit_failure.get().is_some().then(|| {
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit-unavailable",
+                "the gateway cannot write its audit log, so it lets nothing out",
+            )
+        })
     }
 
     pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
@@ -386,8 +380,7 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         )),
         limits: config.limits,
         timer: crate::timer::CoarseTimer::default(),
-        audit_failed: std::sync::atomic::AtomicBool::new(false),
-        audit_failure: std::sync::Mutex::new(None),
+        audit_failure: std::sync::OnceLock::new(),
         blocks: std::sync::Mutex::new([
             crate::audit::BlockLimiter::default(),
             crate::audit::BlockLimiter::default(),
@@ -596,18 +589,8 @@ impl GatewayHandle {
     pub async fn failed(&self) -> String {
         loop {
             let notified = self.shared.failure.notified();
-            if self
-                .shared
-                .audit_failed
-                .load(std::sync::atomic::Ordering::SeqCst)
-            {
-                return self
-                    .shared
-                    .audit_failure
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone()
-                    .unwrap_or_else(|| "the audit log cannot be written".to_owned());
+            if let Some(why) = self.shared.audit_failure.get() {
+                return why.clone();
             }
             if self.accept.is_finished() && !*self.shutdown.borrow() {
                 return "the gateway stopped accepting connections".to_owned();
