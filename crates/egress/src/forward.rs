@@ -613,10 +613,9 @@ pub(crate) async fn process(
     let mut response_body: ProxyBody = body.map_err(crate::gateway::BoxError::from).boxed_unsync();
     if !injected.is_empty() {
         // Every line counts: `identity` on one must not hide `gzip` on the next.
-        let encoding = joined(&parts.headers, header::CONTENT_ENCODING).filter(|codings| {
-            codings
-                .split(',')
-                .any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"))
+        // (A coding that cannot be undone goes to the decoder, which refuses it.)
+        let encoding = joined(&parts.headers, header::CONTENT_ENCODING).filter(|value| {
+            crate::dlp::decode::codings(Some(value)).map_or(true, |codings| !codings.is_empty())
         });
         if let Some(encoding) = encoding {
             // The gateway asked for `identity`; an origin that compresses anyway is
