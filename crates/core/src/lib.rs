@@ -5,6 +5,7 @@
 //! container or a socket. See `docs/architecture.md` for the crate graph.
 
 pub mod credential;
+pub mod forge;
 pub mod manifest;
 pub mod plan;
 pub mod policy;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::credential::CredentialSpec;
@@ -137,6 +137,21 @@ pub struct BottlePlan {
     /// behind this plan are new or changed since the user last trusted them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub untrusted_manifests: Option<PathBuf>,
+    /// Loopback ports in the bottle that the shim forwards to host sockets, besides the
+    /// gateway's (the sidecars).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<Forward>,
+    /// The forge run this session belongs to (see [`BottlePlan::attach_forge`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forge: Option<crate::forge::ForgePlan>,
+}
+
+/// One loopback port in the bottle forwarded by the shim to a socket in the run dir.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forward {
+    pub port: u16,
+    /// The socket's path inside the bottle.
+    pub socket: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -390,6 +405,8 @@ pub fn plan(
         agent_uid: host.agent_uid,
         files,
         untrusted_manifests: None,
+        forwards: Vec::new(),
+        forge: None,
     })
 }
 
@@ -435,6 +452,16 @@ impl BottlePlan {
             out,
             "network    none (only the egress gateway, via 127.0.0.1:{PROXY_PORT}; {direct})"
         );
+        if let Some(forge) = &self.forge {
+            let _ = writeln!(
+                out,
+                "forge      {}#{}: tools through the forge sidecar (127.0.0.1:{}); git push only to `{}`",
+                forge.repo,
+                forge.issue,
+                crate::forge::FORGE_PORT,
+                forge.branch
+            );
+        }
         let audit = format!("{:?}", self.egress.audit_level()).to_lowercase();
         let _ = writeln!(out, "egress     default deny, audit {audit}");
         if self.egress.rules.is_empty() {

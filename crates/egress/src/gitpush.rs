@@ -280,6 +280,27 @@ pub(crate) fn judge(command: &Command, globs: &[&str]) -> Result<(), RefProblem>
     }
 }
 
+/// How the audit detail of an allowed push starts; each ref follows as `REF NEW-ID`,
+/// separated by `, ` (see [`pushed_ids`]).
+pub const PUSH_DETAIL_PREFIX: &str = "git push of ";
+
+/// The object ids an allowed push's audit detail says it set refs to (deletes have none).
+#[must_use]
+pub fn pushed_ids(detail: &str) -> Vec<String> {
+    let Some(rest) = detail.strip_prefix(PUSH_DETAIL_PREFIX) else {
+        return Vec::new();
+    };
+    let Some((_, refs)) = rest.split_once(": ") else {
+        return Vec::new();
+    };
+    refs.split(", ")
+        .filter_map(|item| item.rsplit_once(' '))
+        .map(|(_, id)| id)
+        .filter(|id| is_oid(id.as_bytes()) && id.bytes().any(|b| b != b'0'))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A push the gateway refuses: the reason and the audit detail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Refusal {
@@ -372,8 +393,14 @@ pub(crate) fn check(globs: &[&str], head: &[u8], encodings: &[&[u8]]) -> Result<
     if refused.is_empty() {
         let total = parsed.commands.len();
         return Ok(format!(
-            "git push of {total} ref(s): {}",
-            listed(&mut parsed.commands.iter().map(|c| cut(&c.refname)), total)
+            "{PUSH_DETAIL_PREFIX}{total} ref(s): {}",
+            listed(
+                &mut parsed
+                    .commands
+                    .iter()
+                    .map(|c| format!("{} {}", cut(&c.refname), c.new)),
+                total
+            )
         ));
     }
     let total = refused.len();
@@ -786,6 +813,32 @@ mod tests {
         )
         .expect("allowed");
         assert!(ok.contains("refs/heads/bot-bottle/run-1"), "{ok}");
+    }
+
+    #[test]
+    fn an_allowed_push_names_each_ref_and_its_new_id() {
+        let detail = check(
+            GLOBS,
+            &body(
+                &[
+                    (ZERO, A, "refs/heads/bot-bottle/run-1"),
+                    (A, B, "refs/heads/bot-bottle/run-2"),
+                ],
+                " report-status",
+            ),
+            &[],
+        )
+        .expect("allowed");
+        assert_eq!(
+            detail,
+            format!(
+                "git push of 2 ref(s): refs/heads/bot-bottle/run-1 {A}, refs/heads/bot-bottle/run-2 {B}"
+            )
+        );
+        assert_eq!(pushed_ids(&detail), vec![A.to_owned(), B.to_owned()]);
+        assert!(pushed_ids("git push refused whole: x").is_empty());
+        assert!(pushed_ids(&format!("git push of 1 ref(s): refs/heads/a {ZERO}")).is_empty());
+        assert!(pushed_ids("git push of 1 ref(s): refs/heads/a not-an-id").is_empty());
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod tunnel;
 mod upstream;
 mod websocket;
 
+pub use gitpush::{PUSH_DETAIL_PREFIX, pushed_ids};
 pub use custody::{CustodyError, ResolvedCredential};
 pub use tls::{CertificateAuthority, TlsError};
 

@@ -110,10 +110,16 @@ pub fn container_config(
         "shim".to_owned(),
         "--forward".to_owned(),
         format!("{PROXY_PORT}={BOTTLE_RUN_DIR}/{GATEWAY_SOCKET}"),
+    ];
+    for forward in &plan.forwards {
+        entrypoint.push("--forward".to_owned());
+        entrypoint.push(format!("{}={}", forward.port, forward.socket));
+    }
+    entrypoint.extend([
         "--provision".to_owned(),
         format!("{BOTTLE_PROVISION_DIR}:{AGENT_HOME}"),
         "--".to_owned(),
-    ];
+    ]);
     entrypoint.extend(plan.argv.iter().cloned());
 
     // One value per name, launch values (placeholders) winning: with a name twice in the
