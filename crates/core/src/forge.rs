@@ -266,9 +266,15 @@ mod tests {
         plan.egress.validate().expect("the added rule is valid");
         let credential = plan.credentials.last().expect("credential");
         assert_eq!(credential.name, FORGE_CREDENTIAL);
-        assert_eq!(credential.env, None, "the token never gets a bottle variable");
+        assert_eq!(
+            credential.env, None,
+            "the token never gets a bottle variable"
+        );
         credential.validate().expect("valid credential");
-        assert_eq!(plan.argv[1], "--mcp-config=/home/agent/.bot-bottle/mcp.json");
+        assert_eq!(
+            plan.argv[1],
+            "--mcp-config=/home/agent/.bot-bottle/mcp.json"
+        );
         let config = plan
             .files
             .iter()
@@ -280,14 +286,19 @@ mod tests {
             "http://127.0.0.1:3129/mcp"
         );
         assert!(
-            plan.files[0].contents.starts_with("Be careful.\n\n# Forge run"),
+            plan.files[0]
+                .contents
+                .starts_with("Be careful.\n\n# Forge run"),
             "{}",
             plan.files[0].contents
         );
         assert!(plan.files[0].contents.contains("signal_done"));
         assert_eq!(plan.forwards[0].port, FORGE_PORT);
         assert_eq!(plan.forwards[0].socket, "/run/bot-bottle/forge.sock");
-        assert_eq!(plan.env["BOT_BOTTLE_FORGE_BRANCH"], "bot-bottle/widget-ab12");
+        assert_eq!(
+            plan.env["BOT_BOTTLE_FORGE_BRANCH"],
+            "bot-bottle/widget-ab12"
+        );
         let rendered = plan.render();
         assert!(rendered.contains("forge      acme/widget#7"), "{rendered}");
         assert!(rendered.contains("forge-token"), "{rendered}");
@@ -338,11 +349,17 @@ mod tests {
                 query,
             })
         };
-        let fetch = decide("/acme/widget.git/info/refs", Some("service=git-upload-pack"));
+        let fetch = decide(
+            "/acme/widget.git/info/refs",
+            Some("service=git-upload-pack"),
+        );
         assert!(fetch.is_allow(), "{fetch:?}");
         let other = decide("/acme/other.git/info/refs", Some("service=git-upload-pack"));
         assert_eq!(other.reason, Reason::GitRepoNotAllowed);
         let api = decide("/api/v1/repos/acme/widget", None);
-        assert!(!api.is_allow(), "the agent never reaches the forge API: {api:?}");
+        assert!(
+            !api.is_allow(),
+            "the agent never reaches the forge API: {api:?}"
+        );
     }
 }

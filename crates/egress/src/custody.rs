@@ -63,6 +63,56 @@ impl std::fmt::Debug for ResolvedCredential {
     }
 }
 
+/// Reads a secret from its source on this host: an env var as is, a file trimmed, a
+/// command's first stdout line (the `pass` convention: later lines are metadata), run
+/// through `sh -c` in this process's environment. `name` only labels errors.
+///
+/// # Errors
+/// A source that cannot be read. An empty value is not checked here.
+pub fn read_source(name: &str, source: &CredentialSource) -> Result<String, CustodyError> {
+    let name = name.to_owned();
+    let value = match source {
+        CredentialSource::Env(var) => std::env::var(var).map_err(|_| CustodyError::MissingEnv {
+            name: name.clone(),
+            var: var.clone(),
+        })?,
+        CredentialSource::File(path) => std::fs::read_to_string(path)
+            .map_err(|source| CustodyError::File {
+                name: name.clone(),
+                path: path.clone(),
+                source,
+            })?
+            .trim()
+            .to_string(),
+        CredentialSource::Command(command) => {
+            let output = std::process::Command::new("sh")
+                .args(["-c", command])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map_err(|err| CustodyError::Command {
+                    name: name.clone(),
+                    command: command.clone(),
+                    reason: err.to_string(),
+                })?;
+            if !output.status.success() {
+                // stderr is not shown: a failing secret tool may echo what it read.
+                return Err(CustodyError::Command {
+                    name,
+                    command: command.clone(),
+                    reason: format!("exited with {}", output.status),
+                });
+            }
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        }
+    };
+    Ok(value)
+}
+
 impl ResolvedCredential {
     /// Reads the real value from its source: an env var as is, a file trimmed, a command's
     /// first stdout line (the `pass` convention: later lines are metadata). A command runs
@@ -75,48 +125,7 @@ impl ResolvedCredential {
             name: spec.name.clone(),
             source,
         })?;
-        let name = spec.name.clone();
-        let value = match &spec.source {
-            CredentialSource::Env(var) => {
-                std::env::var(var).map_err(|_| CustodyError::MissingEnv {
-                    name: name.clone(),
-                    var: var.clone(),
-                })?
-            }
-            CredentialSource::File(path) => std::fs::read_to_string(path)
-                .map_err(|source| CustodyError::File {
-                    name: name.clone(),
-                    path: path.clone(),
-                    source,
-                })?
-                .trim()
-                .to_string(),
-            CredentialSource::Command(command) => {
-                let output = std::process::Command::new("sh")
-                    .args(["-c", command])
-                    .stdin(std::process::Stdio::null())
-                    .output()
-                    .map_err(|err| CustodyError::Command {
-                        name: name.clone(),
-                        command: command.clone(),
-                        reason: err.to_string(),
-                    })?;
-                if !output.status.success() {
-                    // stderr is not shown: a failing secret tool may echo what it read.
-                    return Err(CustodyError::Command {
-                        name,
-                        command: command.clone(),
-                        reason: format!("exited with {}", output.status),
-                    });
-                }
-                String::from_utf8_lossy(&output.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_string()
-            }
-        };
+        let value = read_source(&spec.name, &spec.source)?;
         Self::with_value(spec, bottle, value)
     }
 

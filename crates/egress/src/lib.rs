@@ -18,8 +18,8 @@ mod tunnel;
 mod upstream;
 mod websocket;
 
+pub use custody::{CustodyError, ResolvedCredential, read_source};
 pub use gitpush::{PUSH_DETAIL_PREFIX, pushed_ids};
-pub use custody::{CustodyError, ResolvedCredential};
 pub use tls::{CertificateAuthority, TlsError};
 
 /// Environment variables that point a tool at a CA bundle, all of which the bottle sets

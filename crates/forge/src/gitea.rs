@@ -189,6 +189,9 @@ pub struct GiteaConfig {
     pub repo: String,
     pub token: String,
     pub timeout: Duration,
+    /// Extra trusted roots (PEM) for a forge whose certificate a private CA issued
+    /// (`FORGE_CA_FILE`), added to the system's.
+    pub extra_roots_pem: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for GiteaConfig {
@@ -216,6 +219,7 @@ impl GiteaConfig {
             repo: repo.into(),
             token: token.into(),
             timeout: DEFAULT_TIMEOUT,
+            extra_roots_pem: None,
         }
     }
 }
@@ -374,6 +378,12 @@ impl GiteaClient {
             // A loopback forge (tests, a local Gitea) must never be sent through
             // an environment proxy.
             builder = builder.no_proxy();
+        }
+        if let Some(pem) = &config.extra_roots_pem {
+            let roots = reqwest::Certificate::from_pem_bundle(pem).map_err(GiteaError::Build)?;
+            for root in roots {
+                builder = builder.add_root_certificate(root);
+            }
         }
         let http = builder.build().map_err(GiteaError::Build)?;
         Ok(Self {

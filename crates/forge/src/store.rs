@@ -20,7 +20,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 /// Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &["CREATE TABLE forge_state (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE forge_state (
         owner TEXT NOT NULL,
         repo TEXT NOT NULL,
         issue_number INTEGER NOT NULL,
@@ -40,7 +41,14 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE forge_state (
     CREATE TABLE deliveries (
         key TEXT PRIMARY KEY NOT NULL,
         received_at INTEGER NOT NULL
-    );"];
+    );",
+    // The orchestrator's loop: whether the watchdog froze the run, a human comment
+    // that arrived while the run was busy (it resumes the run when it is frozen), and
+    // the last thing that happened to the run, for `orchestrate status`.
+    "ALTER TABLE forge_state ADD COLUMN watchdog_fired INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE forge_state ADD COLUMN pending_prompt TEXT;
+    ALTER TABLE forge_state ADD COLUMN note TEXT;",
+];
 
 /// Lifecycle of a forge-managed bottle: launched, frozen on `signal_done` (or by
 /// the watchdog), destroyed when its PR closes.
@@ -101,6 +109,16 @@ pub struct ForgeState {
     pub base_commit_sha: String,
     /// How many times a comment resumed the bottle.
     pub resume_rounds: u32,
+    /// The watchdog froze the run because it was silent too long.
+    #[serde(default)]
+    pub watchdog_fired: bool,
+    /// A human comment that arrived while the run was busy; it resumes the run once
+    /// the run is frozen.
+    #[serde(default)]
+    pub pending_prompt: Option<String>,
+    /// The last thing that happened to the run, in a few words.
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 /// Every way the state store can fail.
@@ -290,7 +308,8 @@ impl SqliteForgeStateStore {
 }
 
 const COLUMNS: &str = "owner, repo, issue_number, slug, agent_name, bottle_names, backend_name, \
-     agent_git_user, pr_number, status, last_checkin_at, base_commit_sha, resume_rounds";
+     agent_git_user, pr_number, status, last_checkin_at, base_commit_sha, resume_rounds, \
+     watchdog_fired, pending_prompt, note";
 
 fn migrate(connection: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let sql = |source| StoreError::Sqlite {
@@ -351,6 +370,9 @@ struct RawState {
     last_checkin_at: String,
     base_commit_sha: String,
     resume_rounds: i64,
+    watchdog_fired: bool,
+    pending_prompt: Option<String>,
+    note: Option<String>,
 }
 
 impl RawState {
@@ -369,6 +391,9 @@ impl RawState {
             last_checkin_at: row.get(10)?,
             base_commit_sha: row.get(11)?,
             resume_rounds: row.get(12)?,
+            watchdog_fired: row.get(13)?,
+            pending_prompt: row.get(14)?,
+            note: row.get(15)?,
         })
     }
 
@@ -412,6 +437,9 @@ impl RawState {
             last_checkin_at: self.last_checkin_at,
             base_commit_sha: self.base_commit_sha,
             resume_rounds,
+            watchdog_fired: self.watchdog_fired,
+            pending_prompt: self.pending_prompt,
+            note: self.note,
         })
     }
 }
@@ -422,7 +450,7 @@ fn write_state(connection: &Connection, state: &ForgeState) -> rusqlite::Result<
     connection.execute(
         &format!(
             "INSERT OR REPLACE INTO forge_state ({COLUMNS}) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
         ),
         params![
             state.owner,
@@ -438,6 +466,9 @@ fn write_state(connection: &Connection, state: &ForgeState) -> rusqlite::Result<
             state.last_checkin_at,
             state.base_commit_sha,
             i64::from(state.resume_rounds),
+            state.watchdog_fired,
+            state.pending_prompt,
+            state.note,
         ],
     )?;
     Ok(())

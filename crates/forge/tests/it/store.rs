@@ -20,6 +20,9 @@ fn state() -> ForgeState {
         last_checkin_at: "2026-06-29T12:04:12-04:00".to_owned(),
         base_commit_sha: "4b825dc642cb6eb9a060e54bf8d69288fbee4904".to_owned(),
         resume_rounds: 0,
+        watchdog_fired: false,
+        pending_prompt: None,
+        note: None,
     }
 }
 
@@ -224,6 +227,9 @@ fn update_changes_fields_but_never_the_key() {
         ForgeState {
             status: ForgeStatus::Running,
             resume_rounds: 1,
+            watchdog_fired: false,
+            pending_prompt: None,
+            note: None,
             ..state()
         },
         updated
