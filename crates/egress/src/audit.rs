@@ -121,6 +121,10 @@ pub enum EventKind {
     /// A packet that tried to leave the bottle other than through the gateway (a direct
     /// connection, a DNS query, a datagram), caught and refused by the tripwire.
     Direct,
+    /// One call of the forge sidecar's tools (in `forge-ops.jsonl`, not the gateway's
+    /// log): `reason` is the tool, `path` its target (`#17`, or the branch of a new pull
+    /// request), `status` the forge's HTTP status when known.
+    Forge,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1426,6 +1430,9 @@ fn push_row(out: &mut String, cells: impl Iterator<Item = String>) {
 /// One line for humans, as `bot-bottle audit SLUG` prints it.
 #[must_use]
 pub fn format_event(e: &AuditEvent) -> String {
+    if e.kind == EventKind::Forge {
+        return format_forge_event(e);
+    }
     let mut out = format!(
         "{:>5} {} {:<5} {}",
         e.seq,
@@ -1461,6 +1468,32 @@ pub fn format_event(e: &AuditEvent) -> String {
     }
     if e.dlp_more > 0 {
         out.push_str(&format!(" dlp+{} more", e.dlp_more));
+    }
+    if e.held_back > 0 {
+        out.push_str(&format!(" held_back={}", e.held_back));
+    }
+    if let Some(detail) = &e.detail {
+        out.push_str(&format!(" — {detail}"));
+    }
+    out
+}
+
+/// A forge sidecar line reads as a call: the tool, its target, the forge's status, then
+/// what happened (`allow forge post_comment #17 → 201 — posted comment to #17 (12 bytes)`).
+fn format_forge_event(e: &AuditEvent) -> String {
+    let mut out = format!(
+        "{:>5} {} {:<5} forge {}",
+        e.seq,
+        e.at,
+        enum_name(&e.decision),
+        e.reason
+    );
+    if let Some(path) = &e.path {
+        out.push(' ');
+        out.push_str(path);
+    }
+    if let Some(status) = e.status {
+        out.push_str(&format!(" → {status}"));
     }
     if e.held_back > 0 {
         out.push_str(&format!(" held_back={}", e.held_back));
@@ -1647,6 +1680,41 @@ mod tests {
             let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn forge_lines_are_written_and_rendered_as_calls() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("forge-ops.jsonl");
+        let log = AuditLog::open(&path).expect("open");
+        let mut d = EventDraft::new(EventKind::Forge, AuditDecision::Allow, "post_comment");
+        d.path = Some("#17".into());
+        d.status = Some(201);
+        d.detail = Some("posted comment to #17 (12 bytes)".into());
+        log.append(d).expect("append");
+        let mut d = EventDraft::new(EventKind::Forge, AuditDecision::Block, "post_comment");
+        d.path = Some("#99".into());
+        d.detail = Some("refused: outside the scope".into());
+        log.append(d).expect("append");
+        verify(&path).expect("verifies");
+        let raw = std::fs::read_to_string(&path).expect("read");
+        assert!(raw.contains("\"kind\":\"forge\""), "{raw}");
+        let events = read(&path).expect("read");
+        let lines: Vec<String> = events
+            .iter()
+            .map(|e| {
+                let line = format_event(e);
+                let prefix = format!("{:>5} {} ", e.seq, e.at);
+                line.strip_prefix(&prefix).unwrap_or(&line).to_owned()
+            })
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                "allow forge post_comment #17 → 201 — posted comment to #17 (12 bytes)",
+                "block forge post_comment #99 — refused: outside the scope",
+            ]
+        );
     }
 
     #[test]

@@ -120,7 +120,7 @@ pub fn tally_reader<R: BufRead>(
                 summary.direct += 1;
                 continue;
             }
-            EventKind::PolicyUpdate | EventKind::Gateway => continue,
+            EventKind::PolicyUpdate | EventKind::Gateway | EventKind::Forge => continue,
         }
         if event.held_back > 0 {
             // A summary of blocks not written one by one: counted in `held` above.
