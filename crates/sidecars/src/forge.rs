@@ -393,6 +393,11 @@ impl Shared {
                 return Ok(());
             }
         }
+        self.append(draft)
+    }
+
+    /// Appends one line, past the rate limit; a failed append fails the sidecar.
+    fn append(&self, draft: EventDraft) -> Result<(), String> {
         self.log.append(draft).map(drop).map_err(|err| {
             let reason = describe_write_failure(&err);
             self.fail(reason.clone());
@@ -413,7 +418,8 @@ impl Shared {
                 "{} more refused forge calls (over {BLOCK_BURST} at once, then {BLOCK_PER_SECOND} a second) were counted, not logged one by one",
                 draft.held_back
             ));
-            let _ = self.record(draft);
+            // Straight to the log: the limiter would hold back its own summary.
+            let _ = self.append(draft);
         }
     }
 

@@ -363,7 +363,7 @@ async fn a_ten_megabyte_request_is_refused_while_it_streams() {
 #[tokio::test]
 async fn a_client_that_hangs_up_mid_write_still_gets_the_write_logged() {
     let h = Harness::start().await;
-    h.forge.set_write_delay(Duration::from_millis(400));
+    h.forge.set_write_delay(Duration::from_millis(1000));
     let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"post_comment","arguments":{"number":17,"body":"sneaky"}}}"#;
     // HTTP/2: a client that gives up resets its stream, so the server hears of it at
     // once (HTTP/1.1 would notice the hang-up only when it next reads).
@@ -385,7 +385,7 @@ async fn a_client_that_hangs_up_mid_write_still_gets_the_write_logged() {
         .body(http_body_util::Full::new(bytes::Bytes::from_static(body)))
         .expect("request");
     let pending =
-        tokio::time::timeout(Duration::from_millis(150), sender.send_request(request)).await;
+        tokio::time::timeout(Duration::from_millis(300), sender.send_request(request)).await;
     assert!(
         pending.is_err(),
         "the write answered before the forge finished"
@@ -430,6 +430,15 @@ async fn a_flood_of_refusals_is_counted_not_written_line_by_line() {
     });
     for output in futures_util::future::join_all(calls).await {
         assert!(output.is_error);
+    }
+    // After a quiet second the count is written while the sidecar runs.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !h.events().iter().any(|e| e.held_back > 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no count of held-back refusals was written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let sidecar_events = {
         let (home, _) = h.stop().await;
