@@ -45,6 +45,7 @@ use bot_bottle_core::state::Home;
 use bot_bottle_runtime::launch::{self, LaunchOptions, RuntimeError};
 use bot_bottle_runtime::progress::Progress;
 
+pub use bot_bottle_runtime::forge::{DEFAULT_BRANCH_PREFIX, ForgeRun};
 pub use bot_bottle_runtime::launch::{GatewaySettings, TripwireMode, exit_codes};
 
 /// A failed bottle operation.
@@ -123,6 +124,19 @@ pub struct StartOptions {
     pub cwd: Option<PathBuf>,
     /// No progress lines on stderr (also [`Client::quiet`]).
     pub quiet: bool,
+    /// A forge run (the seed's `forge_env`): the forge client and token source reach the
+    /// host-side sidecar and the gateway only, never the agent.
+    pub forge: Option<ForgeRun>,
+}
+
+/// Options of [`Client::resume_headless_with`].
+#[derive(Debug, Clone, Default)]
+pub struct ResumeOptions {
+    pub prompt: String,
+    /// Defaults to the backend in the bottle's metadata.
+    pub backend: Option<String>,
+    /// The forge context again (a resumed forge run gets its sidecar back).
+    pub forge: Option<ForgeRun>,
 }
 
 impl StartOptions {
@@ -203,7 +217,7 @@ impl Client {
         self
     }
 
-    fn launch_options(&self, quiet: bool) -> LaunchOptions {
+    fn launch_options(&self, quiet: bool, forge: Option<ForgeRun>) -> LaunchOptions {
         LaunchOptions {
             home: self.home.clone(),
             progress: Progress::new(self.quiet || quiet),
@@ -213,6 +227,7 @@ impl Client {
             agent_stdout_to_stderr: false,
             remove_after: false,
             trust_project_manifests: self.trust_project_manifests,
+            forge,
         }
     }
 
@@ -246,7 +261,7 @@ impl Client {
         agent: &str,
         options: StartOptions,
     ) -> Result<String, BottleError> {
-        let launch_options = self.launch_options(options.quiet);
+        let launch_options = self.launch_options(options.quiet, options.forge.clone());
         let label = options.label.clone().unwrap_or_else(|| agent.to_owned());
         let label = launch::unique_label(&self.home, &label, &launch_options.progress)?;
         let cwd = match options.cwd {
@@ -289,12 +304,32 @@ impl Client {
         prompt: &str,
         backend: Option<&str>,
     ) -> Result<(), BottleError> {
-        let backend = self.backend_for(slug, backend)?;
+        self.resume_headless_with(
+            slug,
+            ResumeOptions {
+                prompt: prompt.to_owned(),
+                backend: backend.map(str::to_owned),
+                forge: None,
+            },
+        )
+        .await
+    }
+
+    /// [`resume_headless`] with every option, the forge context included.
+    ///
+    /// # Errors
+    /// As [`resume_headless`].
+    pub async fn resume_headless_with(
+        &self,
+        slug: &str,
+        options: ResumeOptions,
+    ) -> Result<(), BottleError> {
+        let backend = self.backend_for(slug, options.backend.as_deref())?;
         let outcome = launch::resume(
             slug,
-            Some(prompt.to_owned()),
+            Some(options.prompt),
             backend,
-            &self.launch_options(false),
+            &self.launch_options(false, options.forge),
         )
         .await?;
         if outcome.exit_code != 0 {
@@ -336,6 +371,7 @@ pub fn launch_options(home: Home, quiet: bool) -> Result<LaunchOptions, BottleEr
         agent_stdout_to_stderr: false,
         remove_after: false,
         trust_project_manifests: launch::trust_project_manifests_from_env(),
+        forge: None,
     })
 }
 

@@ -16,6 +16,8 @@ use bot_bottle_runtime::progress::Progress;
 use bot_bottle_runtime::shim;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod orchestrate;
+
 const AFTER_HELP: &str = "\
 Manifests live in the nearest `.bot-bottle/` above the current directory and in
 $BOT_BOTTLE_HOME (default ~/.bot-bottle): agents/<name>.md and bottles/<name>.md.
@@ -57,6 +59,12 @@ enum Command {
     /// Verify a signed provenance record offline, or export the signing public key
     #[command(subcommand)]
     Provenance(ProvenanceAction),
+    /// The forge loop: Gitea issues become sandboxed runs that open pull requests
+    #[command(subcommand, after_help = orchestrate::ORCHESTRATE_HELP)]
+    Orchestrate(orchestrate::OrchestrateAction),
+    /// Inside a bottle: call a sidecar's tools without an MCP client
+    #[command(subcommand)]
+    Tool(orchestrate::ToolAction),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions { shell: clap_complete::Shell },
     /// In-bottle PID 1: forward loopback ports to host sockets and run the agent
@@ -153,6 +161,18 @@ struct AuditArgs {
     /// Keep printing new events as they are written
     #[arg(long)]
     follow: bool,
+    /// Which of the bottle's logs
+    #[arg(long, value_enum, default_value = "egress")]
+    log: LogKind,
+}
+
+/// A bottle's hash-chained logs.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogKind {
+    /// The gateway's egress audit (`egress.jsonl`)
+    Egress,
+    /// The forge sidecar's operations (`forge-ops.jsonl`)
+    ForgeOps,
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,6 +186,9 @@ enum AuditAction {
         expect: Option<audit::AuditHead>,
         #[arg(long)]
         json: bool,
+        /// Which of the bottle's logs
+        #[arg(long, value_enum, default_value = "egress")]
+        log: LogKind,
     },
     /// Write the log as JSONL or CSV (for a SIEM), after verifying it and its recorded head
     Export {
@@ -175,6 +198,9 @@ enum AuditAction {
         /// Output file (default: stdout)
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// Which of the bottle's logs
+        #[arg(long, value_enum, default_value = "egress")]
+        log: LogKind,
     },
 }
 
@@ -337,6 +363,8 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Trust(args) => trust_command(args.json),
         Command::Audit(args) => audit_command(args).await,
         Command::Provenance(action) => provenance_command(action),
+        Command::Orchestrate(action) => orchestrate::orchestrate(action).await,
+        Command::Tool(action) => orchestrate::tool(action).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(
@@ -698,13 +726,19 @@ fn list_manifests(agents: bool, json: bool) -> Result<i32, Failure> {
     Ok(0)
 }
 
-fn audit_path(slug: &str) -> Result<PathBuf, Failure> {
+fn audit_path(slug: &str, log: LogKind) -> Result<PathBuf, Failure> {
     let home = Home::from_env().map_err(RuntimeError::from)?;
     let bottle = home.bottle(slug).map_err(RuntimeError::from)?;
-    let mut path = bottle.egress_log();
+    let mut path = match log {
+        LogKind::Egress => bottle.egress_log(),
+        LogKind::ForgeOps => bot_bottle_runtime::forge::forge_ops_log(&bottle),
+    };
     if !path.exists() {
         // A destroyed bottle's log is archived, not deleted.
         path = home.archived_audit(slug).map_err(RuntimeError::from)?;
+        if let LogKind::ForgeOps = log {
+            path = path.with_extension(bot_bottle_sidecars::FORGE_OPS_LOG);
+        }
     }
     if !path.exists() {
         return Err(Failure {
@@ -811,8 +845,13 @@ fn verify_failure(path: &std::path::Path, slug: &str, report: &audit::VerifyRepo
 
 async fn audit_command(args: AuditArgs) -> Result<i32, Failure> {
     match args.action {
-        Some(AuditAction::Verify { slug, expect, json }) => {
-            let path = audit_path(&slug)?;
+        Some(AuditAction::Verify {
+            slug,
+            expect,
+            json,
+            log,
+        }) => {
+            let path = audit_path(&slug, log)?;
             let (report, heads) = match check_log(&path, expect.as_ref()) {
                 Ok(checked) => checked,
                 Err(failure) => {
@@ -876,8 +915,9 @@ async fn audit_command(args: AuditArgs) -> Result<i32, Failure> {
             slug,
             format,
             output,
+            log,
         }) => {
-            let path = audit_path(&slug)?;
+            let path = audit_path(&slug, log)?;
             // A SIEM gets nothing from a log that was changed or cut at its end, either.
             let (report, _) = check_log(&path, None)?;
             if !report.is_ok() {
@@ -928,7 +968,7 @@ async fn audit_command(args: AuditArgs) -> Result<i32, Failure> {
                     "bot-bottle audit <slug> [--json] [--follow]",
                 ));
             };
-            let path = audit_path(&slug)?;
+            let path = audit_path(&slug, args.log)?;
             show_audit(&path, &slug, args.json, args.follow).await
         }
     }

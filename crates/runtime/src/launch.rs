@@ -80,6 +80,13 @@ pub enum RuntimeError {
     )]
     Tripwire { message: String },
     #[error(
+        "the forge sidecar failed to start: {message}\nhint: a forge run never starts without its sidecar; check that the state directory is writable"
+    )]
+    Sidecar { message: String },
+    /// The forge sidecar stopped doing its job during a session; the bottle was stopped.
+    #[error("the forge sidecar failed during the session, so the bottle was stopped: {message}")]
+    SidecarFailed { message: String },
+    #[error(
         "the project manifests in `{root}` are not trusted as they are (new, or changed since they were trusted)\nhint: they decide the bottle's egress, mounts and credentials, whose `command` sources run on this host; read them, then run `bot-bottle trust` in that project (or start it interactively and answer y)"
     )]
     UntrustedManifests { root: PathBuf },
@@ -119,7 +126,10 @@ impl RuntimeError {
                 | DockerError::NoMmdebstrap,
             ) => exit_codes::BUILD,
             Self::Docker(_) | Self::Io { .. } | Self::Tripwire { .. } => exit_codes::BACKEND,
-            Self::Gateway { .. } | Self::GatewayFailed { .. } => exit_codes::GATEWAY,
+            Self::Gateway { .. }
+            | Self::GatewayFailed { .. }
+            | Self::Sidecar { .. }
+            | Self::SidecarFailed { .. } => exit_codes::GATEWAY,
             Self::Declined => exit_codes::DECLINED,
             // The shell convention for "killed by a signal": 128 + SIGTERM.
             Self::Interrupted { .. } => 143,
@@ -218,6 +228,9 @@ pub struct LaunchOptions {
     /// (`BOT_BOTTLE_TRUST_PROJECT_MANIFESTS=1`: CI and hosts whose repositories are
     /// trusted by other means).
     pub trust_project_manifests: bool,
+    /// A forge run: the session gets the forge sidecar, git access to the run's
+    /// branch, and the forge instructions (see `crate::forge`).
+    pub forge: Option<crate::forge::ForgeRun>,
 }
 
 /// `BOT_BOTTLE_TRUST_PROJECT_MANIFESTS=1`.
@@ -689,6 +702,9 @@ pub async fn launch(
         .clone()
         .unwrap_or_else(|| new_identity(&plan.label));
     plan.identity = Some(slug.clone());
+    if let Some(forge) = &options.forge {
+        plan.attach_forge(&forge.attach(&slug));
+    }
     let bottle = options.home.bottle(&slug)?;
     bottle.create()?;
     let previous = bottle.read_metadata()?;
@@ -876,7 +892,10 @@ async fn record_provenance(
         _ => Vec::new(),
     };
     let mut commits = Vec::new();
-    if let Workspace::Bind { host } = &plan.workspace
+    if options.forge.is_some() {
+        // A forge run's workspace lives in the bottle; its result is what it pushed.
+        commits = prov::pushed_commits(&log, session.seq_at_start).unwrap_or_default();
+    } else if let Workspace::Bind { host } = &plan.workspace
         && let Some(after) = prov::workspace_head(host, git_uid(plan)).await
         && session.head_before.as_deref() != Some(after.as_str())
     {
@@ -891,7 +910,20 @@ async fn record_provenance(
         Err(RuntimeError::Interrupted { .. }) => (None, "interrupted"),
         Err(_) => (None, "failed"),
     };
-    let resumed = session.spec.identity.is_some();
+    let resumed = plan.resume;
+    let forge = options.forge.as_ref();
+    let forge_ops = forge.map(|_| crate::forge::forge_ops_log(bottle));
+    let forge_ops_head = forge_ops
+        .as_deref()
+        .and_then(|path| bot_bottle_egress::audit::read_head(path).ok().flatten())
+        .map(|head| LogHead {
+            seq: head.seq,
+            hash: head.hash,
+        });
+    let forge_ops_digest = forge_ops
+        .as_deref()
+        .and_then(|path| std::fs::read(path).ok())
+        .map(|bytes| sha256_digest(&bytes));
     let run = RunRecord {
         slug: bottle.slug().to_owned(),
         agent: plan.agent.clone(),
@@ -901,12 +933,15 @@ async fn record_provenance(
         backend: plan.backend.clone(),
         policy_digest: prov::policy_digest(&plan.egress),
         prompt_digest: sha256_digest(session.spec.prompt.as_deref().unwrap_or("").as_bytes()),
-        issue: None,
-        trigger: Trigger {
-            kind: if resumed { "resume" } else { "cli" }.to_owned(),
-            delivery_id: None,
-            comment_id: None,
-        },
+        issue: forge.map(crate::forge::ForgeRun::issue_ref),
+        trigger: forge.map_or_else(
+            || Trigger {
+                kind: if resumed { "resume" } else { "cli" }.to_owned(),
+                delivery_id: None,
+                comment_id: None,
+            },
+            |forge| forge.trigger.clone(),
+        ),
         base_commit: session
             .head_before
             .clone()
@@ -915,7 +950,11 @@ async fn record_provenance(
         started_at: rfc3339(session.started),
         finished_at: rfc3339(session.finished),
         exit_code,
-        watchdog_fired: false,
+        watchdog_fired: forge.is_some_and(|forge| {
+            forge
+                .watchdog_fired
+                .load(std::sync::atomic::Ordering::SeqCst)
+        }),
         egress_audit_digest: tally.as_ref().map(|t| t.digest.clone()),
         egress_summary: tally
             .as_ref()
@@ -924,8 +963,8 @@ async fn record_provenance(
         dlp: tally
             .as_ref()
             .map_or(DlpResult::NotRun, prov::AuditTally::dlp),
-        forge_ops_digest: None,
-        forge_ops_head: None,
+        forge_ops_digest,
+        forge_ops_head,
         cli: plan.provider.npm_package().map(str::to_owned),
         manifests_digest,
         outcome: Some(outcome.to_owned()),
@@ -990,6 +1029,62 @@ async fn run_session(
         "starting bottle {} (no route out; egress via gateway only)",
         bottle.slug()
     ));
+    // The forge sidecar is up before anything of the bottle exists.
+    let sidecar = match &options.forge {
+        Some(forge) => Some(forge.start_sidecar(bottle).await?),
+        None => None,
+    };
+    let result = run_with_sidecar(
+        spec,
+        plan,
+        bottle,
+        engine,
+        options,
+        metadata,
+        SessionParts {
+            prepared,
+            image,
+            paths,
+            launch_env,
+            name,
+        },
+        sidecar.as_ref(),
+    )
+    .await;
+    if let Some(sidecar) = sidecar {
+        sidecar.shutdown().await;
+    }
+    result
+}
+
+/// What `run_session` prepared for the rest of the session.
+struct SessionParts {
+    prepared: crate::gateway::PreparedGateway,
+    image: String,
+    paths: HostPaths,
+    launch_env: Vec<(String, String)>,
+    name: String,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_with_sidecar(
+    spec: &BottleSpec,
+    plan: &BottlePlan,
+    bottle: &BottleDir,
+    engine: &DockerEngine,
+    options: &LaunchOptions,
+    metadata: &mut Metadata,
+    parts: SessionParts,
+    sidecar: Option<&bot_bottle_sidecars::ForgeSidecar>,
+) -> Result<i32, RuntimeError> {
+    let progress = &options.progress;
+    let SessionParts {
+        prepared,
+        image,
+        paths,
+        launch_env,
+        name,
+    } = parts;
     // The gateway starts on its own task (starting is CPU work: DLP rules compile) while
     // the engine starts the tripwire; the bottle starts only once both are up.
     let serving = tokio::spawn(prepared.serve());
@@ -1085,6 +1180,7 @@ async fn run_session(
         metadata,
         container_id,
         &gateway,
+        sidecar,
     )
     .await;
     tracing::debug!("agent exited");
@@ -1186,6 +1282,7 @@ async fn attach_session(
     metadata: &mut Metadata,
     container_id: String,
     gateway: &crate::gateway::SessionGateway,
+    sidecar: Option<&bot_bottle_sidecars::ForgeSidecar>,
 ) -> Result<i64, RuntimeError> {
     let progress = &options.progress;
     metadata.container_id = Some(container_id.clone());
@@ -1221,6 +1318,10 @@ async fn attach_session(
             let _ = engine.stop(&container_id).await;
             Err(RuntimeError::GatewayFailed { message: failure })
         }
+        failure = sidecar_failed(sidecar) => {
+            let _ = engine.stop(&container_id).await;
+            Err(RuntimeError::SidecarFailed { message: failure })
+        }
         signal = interrupted() => {
             // The bottle must not outlive its gateway: stop it, then keep the state and
             // the audit log so the session can be inspected or resumed.
@@ -1230,6 +1331,63 @@ async fn attach_session(
         }
     };
     outcome
+}
+
+/// Resolves with the reason when the forge sidecar fails; never without one.
+async fn sidecar_failed(sidecar: Option<&bot_bottle_sidecars::ForgeSidecar>) -> String {
+    match sidecar {
+        Some(sidecar) => sidecar.failed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Stops a bottle's running agent (its session then ends as the agent's exit does) and
+/// removes tripwire containers a dead launcher left behind. A bottle with nothing
+/// running is left as it is. Returns whether a bottle container was running.
+///
+/// # Errors
+/// The engine is unreachable or refuses.
+pub async fn stop(home: &Home, slug: &str) -> Result<bool, RuntimeError> {
+    stop_with(home, slug, false).await
+}
+
+/// [`stop`] for a bottle whose launcher died: its session is over, so every tripwire
+/// container goes too (a new session creates its own under the same name).
+///
+/// # Errors
+/// As [`stop`].
+pub async fn stop_stranded(home: &Home, slug: &str) -> Result<bool, RuntimeError> {
+    stop_with(home, slug, true).await
+}
+
+async fn stop_with(home: &Home, slug: &str, stranded: bool) -> Result<bool, RuntimeError> {
+    home.bottle(slug)?;
+    let engine = DockerEngine::connect().await?;
+    let mut was_running = false;
+    for container in engine.containers(Some(slug)).await? {
+        if container.kind == KIND_TRIPWIRE {
+            if stranded || container.state != "running" {
+                engine.remove_container(&container.id).await?;
+            }
+        } else if container.state == "running" {
+            engine.stop(&container.id).await?;
+            was_running = true;
+        }
+    }
+    Ok(was_running)
+}
+
+/// Whether the bottle's agent container is running now.
+///
+/// # Errors
+/// The engine is unreachable.
+pub async fn is_running(slug: &str) -> Result<bool, RuntimeError> {
+    let engine = DockerEngine::connect().await?;
+    Ok(engine
+        .containers(Some(slug))
+        .await?
+        .iter()
+        .any(|c| c.kind != KIND_TRIPWIRE && c.state == "running"))
 }
 
 /// Freezes a bottle: commits its container to an image so `resume` continues with its
@@ -1343,6 +1501,28 @@ pub async fn destroy(home: &Home, slug: &str, progress: &Progress) -> Result<(),
             source,
         })?;
         progress.step(&format!("audit log kept at {}", archive.display()));
+    }
+    let ops = crate::forge::forge_ops_log(&bottle);
+    if ops.exists() {
+        let archive = home
+            .archived_audit(slug)?
+            .with_extension(bot_bottle_sidecars::FORGE_OPS_LOG);
+        if let Some(dir) = archive.parent() {
+            bot_bottle_core::state::create_private_dir(dir)?;
+        }
+        let head = bot_bottle_egress::audit::head_path(&ops);
+        if head.exists() {
+            let archived_head = bot_bottle_egress::audit::head_path(&archive);
+            fs_err::rename(&head, &archived_head).map_err(|source| RuntimeError::Io {
+                path: head.clone(),
+                source,
+            })?;
+        }
+        fs_err::rename(&ops, &archive).map_err(|source| RuntimeError::Io {
+            path: ops.clone(),
+            source,
+        })?;
+        progress.step(&format!("forge op log kept at {}", archive.display()));
     }
     let latest = bottle.path().join(crate::provenance::LATEST_FILE);
     if latest.exists() {

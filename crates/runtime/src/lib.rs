@@ -6,6 +6,7 @@
 
 pub mod container;
 pub mod docker;
+pub mod forge;
 pub mod gateway;
 pub mod images;
 pub mod launch;

@@ -88,6 +88,35 @@ pub fn tally_audit(path: &Path, after_seq: u64) -> std::io::Result<Option<AuditT
     }))
 }
 
+/// The commits a session pushed: the new ids of the allowed pushes audited after
+/// `after_seq`, oldest first, without repeats.
+///
+/// # Errors
+/// A read error.
+pub fn pushed_commits(path: &Path, after_seq: u64) -> std::io::Result<Vec<String>> {
+    let file = std::fs::File::open(path)?;
+    let mut commits: Vec<String> = Vec::new();
+    for entry in read_entries(BufReader::new(file)) {
+        let Entry::Event { event, .. } = entry? else {
+            continue;
+        };
+        if event.seq <= after_seq || event.decision != AuditDecision::Allow {
+            continue;
+        }
+        for id in event
+            .detail
+            .as_deref()
+            .map(bot_bottle_egress::pushed_ids)
+            .unwrap_or_default()
+        {
+            if !commits.contains(&id) {
+                commits.push(id);
+            }
+        }
+    }
+    Ok(commits)
+}
+
 /// Counts, among the events numbered after `after_seq`, request and CONNECT events (allowed and blocked, in all and per host), the
 /// blocks a rate-limit summary stands for, tripwire attempts, unreadable lines and DLP
 /// findings. Memory is bounded: past [`MAX_SUMMARY_HOSTS`] hosts, the rest are counted

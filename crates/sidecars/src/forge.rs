@@ -252,8 +252,14 @@ impl ForgeSidecar {
     /// resolves while the sidecar is healthy.
     pub async fn failed(&self) -> String {
         let mut failure = self.shared.failure.subscribe();
-        match failure.wait_for(Option::is_some).await {
-            Ok(reason) => reason.clone().unwrap_or_default(),
+        // The guard `wait_for` returns is not `Send`: take the reason out of it before
+        // the future can be held across another await.
+        let reason = failure
+            .wait_for(Option::is_some)
+            .await
+            .map(|reason| reason.clone().unwrap_or_default());
+        match reason {
+            Ok(reason) => reason,
             // The sender lives in `shared`, which `self` holds: this cannot happen while
             // `self` exists, so wait as a healthy sidecar would.
             Err(_) => std::future::pending().await,

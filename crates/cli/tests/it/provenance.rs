@@ -235,7 +235,7 @@ assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
 print("VERIFIED", statement["predicate"]["runDetails"]["metadata"]["invocationId"])
 "#;
 
-fn sslib_verify(envelope: &Path, key: &str) -> std::process::Output {
+pub(crate) fn sslib_verify(envelope: &Path, key: &str) -> std::process::Output {
     let out = std::process::Command::new(python())
         .args(["-c", SSLIB_VERIFY])
         .arg(envelope)
