@@ -309,12 +309,23 @@ fn report(orchestrator: &Orchestrator, slug: &str, json: bool) -> Result<i32, Fa
                 .unwrap_or_default()
         );
     }
-    // A run that did not end frozen (it failed to start) is a failure.
-    Ok(if row.state == bot_bottle_forge::ForgeStatus::Frozen {
-        0
-    } else {
-        launch::exit_codes::BACKEND
-    })
+    // A run that did not end frozen, or whose session failed, is a failure.
+    let failed = row
+        .note
+        .as_deref()
+        .is_some_and(|note| note.starts_with("session failed"));
+    if failed && !json {
+        eprintln!(
+            "bot-bottle: the run's session failed; `bot-bottle orchestrate status` shows it, and the orchestrator's log above says why"
+        );
+    }
+    Ok(
+        if row.state == bot_bottle_forge::ForgeStatus::Frozen && !failed {
+            0
+        } else {
+            launch::exit_codes::BACKEND
+        },
+    )
 }
 
 pub async fn tool(action: ToolAction) -> Result<i32, Failure> {
