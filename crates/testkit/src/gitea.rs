@@ -416,6 +416,12 @@ impl Inner {
         number
     }
 
+    fn has_hooks(&self, owner: &str, repo: &str) -> bool {
+        self.hooks
+            .iter()
+            .any(|hook| hook.owner == owner && hook.repo == repo)
+    }
+
     /// Queues one delivery per webhook of the repository, each with its own id.
     fn deliver(
         &mut self,
@@ -463,6 +469,9 @@ impl Inner {
         sender: &str,
         changes: Option<Value>,
     ) {
+        if !self.has_hooks(owner, repo) {
+            return;
+        }
         let Some(repo_rec) = self.repos.get(&(owner.to_owned(), repo.to_owned())) else {
             return;
         };
@@ -513,6 +522,9 @@ impl Inner {
         comment_id: i64,
         sender: &str,
     ) {
+        if !self.has_hooks(owner, repo) {
+            return;
+        }
         let Some(repo_rec) = self.repos.get(&(owner.to_owned(), repo.to_owned())) else {
             return;
         };
