@@ -82,12 +82,19 @@ pub(crate) fn respond(shared: &Shared, request: &RecordedRequest) -> http::Respo
 fn messages(shared: &Shared, body: &Value) -> http::Response<Body> {
     let script = &shared.config.script;
     let tools = script::tool_names(body);
-    let turn = script.turn_for(tool_results(body));
+    let turn = script.turn_for(script::turn_index(
+        tool_results(body),
+        resumed_prompts(body),
+    ));
     let (block, stop_reason) = match &turn {
         Turn::Text(text) => (Block::Text(text.clone()), "end_turn"),
         // A request without tools is a side request (a title, a summary): answer in text so
         // it cannot consume the scripted tool call.
         _ if tools.is_empty() => (Block::Text(script.final_text()), "end_turn"),
+        Turn::Tool { name, .. } if !script::has(&tools, name) => (
+            Block::Text(script::unoffered_tool(name, &tools)),
+            "end_turn",
+        ),
         _ => {
             let cwd = script::working_directory(body).or_else(|| shared.config.workspace.clone());
             match script::anthropic_tool_call(&turn, &tools, cwd.as_deref()) {
@@ -153,6 +160,44 @@ fn tool_results(body: &Value) -> usize {
         .flatten()
         .filter(|block| block.get("type").and_then(Value::as_str) == Some("tool_result"))
         .count()
+}
+
+/// How many user prompts follow the first assistant message: each is a resumed turn.
+/// A user message is a prompt when it holds no `tool_result` and some text that is not
+/// context the client added (`<system-reminder>` blocks).
+fn resumed_prompts(body: &Value) -> usize {
+    let Some(messages) = body.get("messages").and_then(Value::as_array) else {
+        return 0;
+    };
+    let mut replied = false;
+    let mut prompts = 0;
+    for message in messages {
+        match message.get("role").and_then(Value::as_str) {
+            Some("assistant") => replied = true,
+            Some("user") if replied && is_prompt(message.get("content")) => prompts += 1,
+            _ => {}
+        }
+    }
+    prompts
+}
+
+fn is_prompt(content: Option<&Value>) -> bool {
+    match content {
+        Some(Value::String(text)) => !script::is_context_text(text),
+        Some(Value::Array(blocks)) => {
+            let kind = |block: &Value| block.get("type").and_then(Value::as_str).map(str::to_owned);
+            !blocks
+                .iter()
+                .any(|b| kind(b).as_deref() == Some("tool_result"))
+                && blocks.iter().any(|b| {
+                    kind(b).as_deref() == Some("text")
+                        && b.get("text")
+                            .and_then(Value::as_str)
+                            .is_some_and(|text| !script::is_context_text(text))
+                })
+        }
+        _ => false,
+    }
 }
 
 fn estimate_tokens(body: &Value) -> u64 {
@@ -322,5 +367,54 @@ mod tests {
         ]});
         assert_eq!(tool_results(&body), 1);
         assert_eq!(tool_results(&json!({"messages": []})), 0);
+    }
+
+    /// `claude --continue "next"`: the earlier session (prompt, tool call, result, final
+    /// text) and then the new prompt.
+    fn resumed_claude_body() -> Value {
+        json!({"messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "<system-reminder>\nctx\n</system-reminder>"},
+                {"type": "text", "text": "write hello.txt"}
+            ]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "Write", "input": {}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "a", "content": "ok"},
+                {"type": "text", "text": "a text beside a tool result is not a prompt"}
+            ]},
+            {"role": "assistant", "content": [{"type": "text", "text": "done"}]},
+            {"role": "user", "content": [
+                {"type": "text", "text": "<system-reminder>\nctx\n</system-reminder>"},
+                {"type": "text", "text": "now add a test"}
+            ]}
+        ]})
+    }
+
+    #[test]
+    fn a_resumed_conversation_gets_the_next_turn() {
+        let fresh = json!({"messages": [
+            {"role": "user", "content": "write hello.txt"}
+        ]});
+        assert_eq!(
+            script::turn_index(tool_results(&fresh), resumed_prompts(&fresh)),
+            0
+        );
+        let body = resumed_claude_body();
+        assert_eq!((tool_results(&body), resumed_prompts(&body)), (1, 1));
+        assert_eq!(script::turn_index(1, 1), 2);
+        // A reminder-only user message after a reply is context, not a prompt.
+        let mut reminder = resumed_claude_body();
+        reminder["messages"][4]["content"] =
+            json!([{"type": "text", "text": "<system-reminder>x</system-reminder>"}]);
+        assert_eq!(resumed_prompts(&reminder), 0);
+        // And the resumed session's own tool result moves it on once more.
+        let mut later = resumed_claude_body();
+        let messages = later["messages"].as_array_mut().unwrap();
+        messages.push(json!({"role": "assistant", "content": [{"type": "tool_use", "id": "b", "name": "Bash", "input": {}}]}));
+        messages.push(json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "b", "content": "ok"}]}));
+        assert_eq!(
+            script::turn_index(tool_results(&later), resumed_prompts(&later)),
+            3
+        );
     }
 }

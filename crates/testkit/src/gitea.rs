@@ -1,6 +1,7 @@
 //! A fake Gitea on loopback: the `/api/v1` endpoints bot-bottle uses, over
 //! in-memory repositories, issues, pull requests, comments, labels and org
-//! members.
+//! members; git smart HTTP over real bare repositories; and signed webhook
+//! deliveries.
 //!
 //! It is written from Gitea's published spec (`gitea-swagger.v1.json`), not from
 //! bot-bottle's client, so a client bug is not mirrored here. [`ROUTES`] lists
@@ -12,26 +13,49 @@
 //! - `PATCH /repos/{owner}/{repo}/issues/{index}` answers 201 with the issue;
 //! - a body edit carrying a stale `content_version` answers 409;
 //! - a pull request is an issue with the same number (`pull_request` is set on it);
+//! - creating a pull request whose head or base is not a branch of the repository's
+//!   git repository answers 404 (`parseCompareInfo`);
 //! - org membership: 204 member, 404 not; in [`Membership::Hidden`] mode it answers
 //!   303 to the public-members URL, as Gitea does when the token's user may not see
-//!   private membership.
+//!   private membership;
+//! - git requests (`/{owner}/{repo}.git/info/refs`, `git-upload-pack`,
+//!   `git-receive-pack`, with or without `.git`) are answered by `git http-backend`
+//!   and need credentials (see [`FakeGitea::set_git_credentials`]); every repository
+//!   is private, so a clone needs them too;
+//! - webhooks: the event types, actions, payloads and headers of
+//!   `services/webhook/notifier.go` and `deliver.go` (see [`FakeGitea::add_webhook`]).
+
+mod git;
+mod webhooks;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::MethodRouter;
+use axum::routing::{MethodRouter, get, post};
+use axum::serve::IncomingStream;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::server::{FixtureError, TlsIdentity};
+pub use git::GitRequest;
+use git::{BackendRun, GitCredentials, Service};
+pub use webhooks::DeliveryRecord;
+use webhooks::Hook;
 
 /// Where the API lives below the server root (the spec's `basePath`).
 pub const BASE_PATH: &str = "/api/v1";
@@ -163,7 +187,24 @@ struct PullRec {
     head: String,
     head_sha: String,
     base: String,
+    base_sha: String,
+    merge_base: String,
     merged: bool,
+}
+
+impl PullRec {
+    /// A pull request whose commit ids are stand-ins (the repository has no git
+    /// repository, or its branches are not looked up).
+    fn without_git(head: &str, base: &str) -> Self {
+        Self {
+            head: head.to_owned(),
+            head_sha: fake_sha(head),
+            base: base.to_owned(),
+            base_sha: fake_sha(base),
+            merge_base: fake_sha(base),
+            merged: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -205,9 +246,11 @@ struct Repo {
     id: i64,
     issues: BTreeMap<u64, IssueRec>,
     labels: Vec<LabelRec>,
+    /// The bare git repository, once [`FakeGitea::add_git_repo`] made one.
+    git: Option<PathBuf>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     repos: BTreeMap<(String, String), Repo>,
     orgs: BTreeMap<String, BTreeSet<String>>,
@@ -217,9 +260,75 @@ struct Inner {
     delay: Duration,
     requests: Vec<GiteaRequest>,
     undeclared: Vec<GiteaRequest>,
+    /// `http(s)://127.0.0.1:PORT`, for the URLs in webhook payloads.
+    base_url: String,
+    /// The server's temp dir: `HOME` of its git processes, repositories in `repos/`.
+    home: PathBuf,
+    git_credentials: Option<GitCredentials>,
+    git_requests: Vec<GitRequest>,
+    hooks: Vec<Hook>,
+    deliveries: Vec<DeliveryRecord>,
+    /// Indices into `deliveries` for the delivery task, in order.
+    queue: mpsc::UnboundedSender<usize>,
+    /// How many deliveries have been attempted.
+    delivered: watch::Sender<usize>,
+}
+
+/// What happened to an issue or pull request, for the webhook it causes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Opened,
+    Edited,
+    Closed,
+    Reopened,
+    Labeled,
+    Assigned,
+    Synchronized,
+}
+
+impl Change {
+    /// The event type for an issue, the one for a pull request, and the action, as
+    /// `services/webhook/notifier.go` chooses them.
+    fn hook(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Self::Opened => ("issues", "pull_request", "opened"),
+            Self::Edited => ("issues", "pull_request", "edited"),
+            Self::Closed => ("issues", "pull_request", "closed"),
+            Self::Reopened => ("issues", "pull_request", "reopened"),
+            Self::Labeled => ("issue_label", "pull_request_label", "label_updated"),
+            Self::Assigned => ("issue_assign", "pull_request_assign", "assigned"),
+            Self::Synchronized => ("issues", "pull_request_sync", "synchronized"),
+        }
+    }
 }
 
 impl Inner {
+    fn new(base_url: String, home: PathBuf, queue: mpsc::UnboundedSender<usize>) -> Self {
+        Self {
+            repos: BTreeMap::new(),
+            orgs: BTreeMap::new(),
+            membership: Membership::default(),
+            next_id: 0,
+            tick: 0,
+            delay: Duration::ZERO,
+            requests: Vec::new(),
+            undeclared: Vec::new(),
+            base_url,
+            home,
+            git_credentials: None,
+            git_requests: Vec::new(),
+            hooks: Vec::new(),
+            deliveries: Vec::new(),
+            queue,
+            delivered: watch::Sender::new(0),
+        }
+    }
+
+    /// `GIT_PROJECT_ROOT`: repositories live at `<root>/<owner>/<repo>.git`.
+    fn project_root(&self) -> PathBuf {
+        self.home.join("repos")
+    }
+
     fn id(&mut self) -> i64 {
         self.next_id += 1;
         self.next_id
@@ -306,6 +415,174 @@ impl Inner {
         );
         number
     }
+
+    fn has_hooks(&self, owner: &str, repo: &str) -> bool {
+        self.hooks
+            .iter()
+            .any(|hook| hook.owner == owner && hook.repo == repo)
+    }
+
+    /// Queues one delivery per webhook of the repository, each with its own id.
+    fn deliver(
+        &mut self,
+        owner: &str,
+        repo: &str,
+        event_type: &str,
+        action: &str,
+        payload: &Value,
+    ) {
+        let hooks: Vec<Hook> = self
+            .hooks
+            .iter()
+            .filter(|hook| hook.owner == owner && hook.repo == repo)
+            .cloned()
+            .collect();
+        if hooks.is_empty() {
+            return;
+        }
+        let body = webhooks::gitea_json(payload);
+        for hook in hooks {
+            let record = webhooks::new_delivery(
+                &hook,
+                webhooks::uuid_v4(),
+                event_type,
+                action,
+                body.clone(),
+            );
+            self.enqueue(record);
+        }
+    }
+
+    fn enqueue(&mut self, record: DeliveryRecord) {
+        self.deliveries.push(record);
+        // The receiver lives as long as the server; a send can only fail after it stopped.
+        let _ = self.queue.send(self.deliveries.len() - 1);
+    }
+
+    /// Delivers the `IssuePayload` or `PullRequestPayload` webhook for `change`.
+    fn notify(
+        &mut self,
+        owner: &str,
+        repo: &str,
+        number: u64,
+        change: Change,
+        sender: &str,
+        changes: Option<Value>,
+    ) {
+        if !self.has_hooks(owner, repo) {
+            return;
+        }
+        let Some(repo_rec) = self.repos.get(&(owner.to_owned(), repo.to_owned())) else {
+            return;
+        };
+        let Some(rec) = repo_rec.issues.get(&number) else {
+            return;
+        };
+        let repository = repository_json(&self.base_url, owner, repo, repo_rec);
+        let (issue_type, pull_type, action) = change.hook();
+        let (event_type, mut payload) = match &rec.pull {
+            Some(pull) => (
+                pull_type,
+                json!({
+                    "action": action,
+                    "number": number,
+                    "pull_request": pull_json(&self.base_url, owner, repo, repo_rec, rec, pull),
+                    "requested_reviewer": null,
+                    "repository": repository,
+                    "sender": user_json(sender),
+                    "commit_id": "",
+                    "review": null,
+                }),
+            ),
+            None => (
+                issue_type,
+                json!({
+                    "action": action,
+                    "number": number,
+                    "issue": issue_json(owner, repo, repo_rec, rec),
+                    "repository": repository,
+                    "sender": user_json(sender),
+                    "commit_id": "",
+                }),
+            ),
+        };
+        if let Some(changes) = changes {
+            payload["changes"] = changes;
+        }
+        self.deliver(owner, repo, event_type, action, &payload);
+    }
+
+    /// Delivers the `IssueCommentPayload` webhook for a new comment: `issue_comment`,
+    /// or `pull_request_comment` with `pull_request` and `is_pull` on a pull request.
+    fn notify_comment(
+        &mut self,
+        owner: &str,
+        repo: &str,
+        number: u64,
+        comment_id: i64,
+        sender: &str,
+    ) {
+        if !self.has_hooks(owner, repo) {
+            return;
+        }
+        let Some(repo_rec) = self.repos.get(&(owner.to_owned(), repo.to_owned())) else {
+            return;
+        };
+        let Some(rec) = repo_rec.issues.get(&number) else {
+            return;
+        };
+        let Some(comment) = rec.comments.iter().find(|c| c.id == comment_id) else {
+            return;
+        };
+        let mut payload = json!({
+            "action": "created",
+            "issue": issue_json(owner, repo, repo_rec, rec),
+            "comment": comment_json(owner, repo, number, comment),
+            "repository": repository_json(&self.base_url, owner, repo, repo_rec),
+            "sender": user_json(sender),
+            "is_pull": rec.pull.is_some(),
+        });
+        let event_type = match &rec.pull {
+            Some(pull) => {
+                payload["pull_request"] =
+                    pull_json(&self.base_url, owner, repo, repo_rec, rec, pull);
+                "pull_request_comment"
+            }
+            None => "issue_comment",
+        };
+        self.deliver(owner, repo, event_type, "created", &payload);
+    }
+
+    /// After a push: moves each open pull request's head to its branch's new commit,
+    /// and delivers `pull_request_sync` for each one that moved, as Gitea does.
+    fn sync_pulls(
+        &mut self,
+        owner: &str,
+        repo: &str,
+        refs: &BTreeMap<String, String>,
+        pusher: &str,
+    ) {
+        let now = self.now();
+        let Some(repo_rec) = self.repos.get_mut(&(owner.to_owned(), repo.to_owned())) else {
+            return;
+        };
+        let mut moved = Vec::new();
+        for rec in repo_rec.issues.values_mut().filter(|rec| rec.open) {
+            let Some(pull) = rec.pull.as_mut() else {
+                continue;
+            };
+            if let Some(sha) = refs.get(&format!("refs/heads/{}", pull.head))
+                && *sha != pull.head_sha
+            {
+                pull.head_sha.clone_from(sha);
+                rec.updated_at.clone_from(&now);
+                moved.push(rec.number);
+            }
+        }
+        for number in moved {
+            self.notify(owner, repo, number, Change::Synchronized, pusher, None);
+        }
+    }
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -314,30 +591,237 @@ fn lock(shared: &Shared) -> MutexGuard<'_, Inner> {
     shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A running fake Gitea. Dropping it stops the server.
+/// Errors of the fake Gitea's setup and inspection helpers.
+#[derive(Debug, thiserror::Error)]
+pub enum FakeGiteaError {
+    #[error("cannot start the fake Gitea: {what}")]
+    Start {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the fake Gitea's TLS identity is unusable")]
+    Tls(#[source] FixtureError),
+    #[error(
+        "`{name}` is not a usable {what} name\nhint: use ASCII letters, digits, `-`, `_` and `.`, not starting with `.`"
+    )]
+    BadName { what: &'static str, name: String },
+    #[error(
+        "repository `{owner}/{repo}` already has a git repository\nhint: call `add_git_repo` once per repository"
+    )]
+    GitRepoExists { owner: String, repo: String },
+    #[error(
+        "repository `{owner}/{repo}` has no git repository\nhint: create it with `FakeGitea::add_git_repo`"
+    )]
+    NoGitRepo { owner: String, repo: String },
+    #[error(
+        "`{owner}/{repo}` has no issue or pull request #{number}\nhint: create it first with `add_issue` or `add_pull`"
+    )]
+    NoIssue {
+        owner: String,
+        repo: String,
+        number: u64,
+    },
+    #[error("cannot run `git`\nhint: install git and make sure it is on `PATH`")]
+    GitSpawn {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`git {args}` failed in `{}`: {stderr}", dir.display())]
+    Git {
+        args: String,
+        dir: PathBuf,
+        stderr: String,
+    },
+    #[error(
+        "webhook url `{url}` is not plain http to a loopback address\nhint: point the webhook at a receiver the test started, like `http://127.0.0.1:PORT/hook`"
+    )]
+    WebhookUrl { url: String },
+    #[error(
+        "waited {waited:?} for {wanted} webhook deliveries to be attempted, {attempted} were\nhint: check that the action under test causes the event, and that a webhook is registered for its repository"
+    )]
+    DeliveryTimeout {
+        wanted: usize,
+        attempted: usize,
+        waited: Duration,
+    },
+}
+
+/// The peer of a connection, for `REMOTE_ADDR`.
+#[derive(Debug, Clone, Copy)]
+struct PeerAddr(SocketAddr);
+
+impl Connected<IncomingStream<'_, TcpListener>> for PeerAddr {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for PeerAddr {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+/// Accepts TCP connections and completes their TLS handshakes on their own tasks, so a
+/// slow client cannot hold up the others, then hands them to `axum::serve`.
+struct TlsListener {
+    addr: SocketAddr,
+    incoming: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    accept_task: JoinHandle<()>,
+}
+
+impl TlsListener {
+    fn new(listener: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let (ready, incoming) = mpsc::channel(64);
+        let accept_task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, peer)) = listener.accept().await else {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let ready = ready.clone();
+                tokio::spawn(async move {
+                    let handshake = acceptor.accept(tcp);
+                    if let Ok(Ok(tls)) =
+                        tokio::time::timeout(Duration::from_secs(10), handshake).await
+                    {
+                        let _ = ready.send((tls, peer)).await;
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            incoming,
+            accept_task,
+        })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.incoming.recv().await {
+            Some(connection) => connection,
+            // The accept task is gone: nothing will ever arrive.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
+    }
+}
+
+/// A running fake Gitea. Dropping it stops the server and the webhook deliveries,
+/// and removes its git repositories.
 pub struct FakeGitea {
     addr: SocketAddr,
+    tls: bool,
     shared: Shared,
     task: JoinHandle<()>,
+    deliveries_task: JoinHandle<()>,
+    _home: tempfile::TempDir,
 }
 
 impl Drop for FakeGitea {
     fn drop(&mut self) {
         self.task.abort();
+        self.deliveries_task.abort();
+    }
+}
+
+/// The state of a new server, its temp dir and its delivery task.
+fn new_state(base_url: String) -> std::io::Result<(Shared, tempfile::TempDir, JoinHandle<()>)> {
+    let home = tempfile::Builder::new().prefix("fake-gitea-").tempdir()?;
+    std::fs::create_dir_all(home.path().join("repos"))?;
+    let (queue, receiver) = mpsc::unbounded_channel();
+    let shared: Shared = Arc::new(Mutex::new(Inner::new(
+        base_url,
+        home.path().to_owned(),
+        queue,
+    )));
+    let deliveries_task = tokio::spawn(webhooks::deliver_queue(shared.clone(), receiver));
+    Ok((shared, home, deliveries_task))
+}
+
+/// Accepts ASCII letters, digits, `-`, `_` and `.`, not starting with `.`: safe as a
+/// path component and in a URL.
+fn check_name(what: &'static str, name: &str) -> Result<(), FakeGiteaError> {
+    let usable = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if usable {
+        Ok(())
+    } else {
+        Err(FakeGiteaError::BadName {
+            what,
+            name: name.to_owned(),
+        })
     }
 }
 
 impl FakeGitea {
-    /// Start on `127.0.0.1:0`.
+    /// Start on `127.0.0.1:0`, serving plain HTTP.
     pub async fn start() -> std::io::Result<Self> {
-        let shared: Shared = Arc::new(Mutex::new(Inner::default()));
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
-        let app = router(shared.clone());
+        let (shared, home, deliveries_task) = new_state(format!("http://{addr}"))?;
+        let app = router(shared.clone()).into_make_service_with_connect_info::<PeerAddr>();
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Ok(Self { addr, shared, task })
+        Ok(Self {
+            addr,
+            tls: false,
+            shared,
+            task,
+            deliveries_task,
+            _home: home,
+        })
+    }
+
+    /// Start on `127.0.0.1:0`, serving HTTPS (HTTP/1.1 and HTTP/2) with `identity`.
+    ///
+    /// # Errors
+    /// When the identity is unusable, or the port or the temp dir cannot be had.
+    pub async fn start_tls(identity: TlsIdentity) -> Result<Self, FakeGiteaError> {
+        let acceptor = crate::server::tls_acceptor(&identity).map_err(FakeGiteaError::Tls)?;
+        let start_error = |what| move |source| FakeGiteaError::Start { what, source };
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .map_err(start_error("cannot bind `127.0.0.1:0`"))?;
+        let listener = TlsListener::new(listener, acceptor)
+            .map_err(start_error("cannot read the bound address"))?;
+        let addr = listener.addr;
+        let (shared, home, deliveries_task) = new_state(format!("https://{addr}"))
+            .map_err(start_error("cannot create its temp dir"))?;
+        let app = router(shared.clone()).into_make_service_with_connect_info::<PeerAddr>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self {
+            addr,
+            tls: true,
+            shared,
+            task,
+            deliveries_task,
+            _home: home,
+        })
     }
 
     #[must_use]
@@ -345,10 +829,23 @@ impl FakeGitea {
         self.addr
     }
 
-    /// `http://127.0.0.1:<port>/api/v1`, the value of `FORGE_GITEA_API`.
+    /// `http://127.0.0.1:<port>` (or `https://` after [`FakeGitea::start_tls`]).
+    #[must_use]
+    pub fn base_url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// `http(s)://127.0.0.1:<port>/api/v1`, the value of `FORGE_GITEA_API`.
     #[must_use]
     pub fn api_url(&self) -> String {
-        format!("http://{}{BASE_PATH}", self.addr)
+        format!("{}{BASE_PATH}", self.base_url())
+    }
+
+    /// `http(s)://127.0.0.1:<port>/<owner>/<repo>.git`, as Gitea's `clone_url`.
+    #[must_use]
+    pub fn clone_url(&self, owner: &str, repo: &str) -> String {
+        format!("{}/{owner}/{repo}.git", self.base_url())
     }
 
     /// Make sure a repository exists (issue creation does this too).
@@ -361,7 +858,9 @@ impl FakeGitea {
         lock(&self.shared).create_issue(owner, repo, issue)
     }
 
-    /// Open a pull request as some user (not through the API); returns its number.
+    /// Open a pull request as some user (not through the API, and without a webhook);
+    /// returns its number. When the repository has a git repository and both branches
+    /// exist there, the pull request carries their real commit ids.
     pub fn add_pull(
         &self,
         owner: &str,
@@ -370,30 +869,50 @@ impl FakeGitea {
         head: &str,
         base: &str,
     ) -> u64 {
+        let git_dir = self.git_dir(owner, repo);
+        let home = lock(&self.shared).home.clone();
+        let pull = git_dir
+            .and_then(|dir| pull_from_git(&home, &dir, head, base))
+            .unwrap_or_else(|| PullRec::without_git(head, base));
         let mut inner = lock(&self.shared);
         let number = inner.create_issue(owner, repo, issue);
         if let Some(rec) = inner.repo_mut(owner, repo).issues.get_mut(&number) {
-            rec.pull = Some(PullRec {
-                head: head.to_owned(),
-                head_sha: fake_sha(head),
-                base: base.to_owned(),
-                merged: false,
-            });
+            rec.pull = Some(pull);
         }
         number
     }
 
-    /// Close (and optionally merge) an issue or PR, as a human would.
+    /// Close (and optionally merge) an issue or PR as the repository owner would; see
+    /// [`FakeGitea::close_as`].
     pub fn close(&self, owner: &str, repo: &str, number: u64, merged: bool) {
+        let _ = self.close_as(owner, repo, number, merged, owner);
+    }
+
+    /// Close (and, for a pull request, optionally merge) as `sender`, and deliver
+    /// `issues` or `pull_request` with action `closed` (`merged` set on a merged pull
+    /// request, as Gitea's merge notification sends it). The git branches are left as
+    /// they are.
+    ///
+    /// # Errors
+    /// When there is no such issue.
+    pub fn close_as(
+        &self,
+        owner: &str,
+        repo: &str,
+        number: u64,
+        merged: bool,
+        sender: &str,
+    ) -> Result<(), FakeGiteaError> {
         let mut inner = lock(&self.shared);
         let now = inner.now();
-        if let Some(rec) = inner.repo_mut(owner, repo).issues.get_mut(&number) {
-            rec.open = false;
-            rec.updated_at = now;
-            if let Some(pull) = rec.pull.as_mut() {
-                pull.merged = merged;
-            }
+        let rec = issue_mut(&mut inner, owner, repo, number)?;
+        rec.open = false;
+        rec.updated_at = now;
+        if let Some(pull) = rec.pull.as_mut() {
+            pull.merged = merged;
         }
+        inner.notify(owner, repo, number, Change::Closed, sender, None);
+        Ok(())
     }
 
     /// Edit a body as a human would: bumps `content_version`.
@@ -407,7 +926,8 @@ impl FakeGitea {
         }
     }
 
-    /// Post a comment as some user (not through the API); returns its id.
+    /// Post a comment as some user (not through the API, and without a webhook); returns
+    /// its id. [`FakeGitea::comment_as`] is the same with the webhook.
     pub fn add_comment(&self, owner: &str, repo: &str, number: u64, user: &str, body: &str) -> i64 {
         let mut inner = lock(&self.shared);
         let id = inner.id();
@@ -511,6 +1031,321 @@ impl FakeGitea {
     pub fn undeclared_statuses(&self) -> Vec<GiteaRequest> {
         lock(&self.shared).undeclared.clone()
     }
+
+    fn git_dir(&self, owner: &str, repo: &str) -> Option<PathBuf> {
+        lock(&self.shared)
+            .repos
+            .get(&(owner.to_owned(), repo.to_owned()))
+            .and_then(|r| r.git.clone())
+    }
+
+    fn require_git_dir(
+        &self,
+        owner: &str,
+        repo: &str,
+    ) -> Result<(PathBuf, PathBuf), FakeGiteaError> {
+        let home = lock(&self.shared).home.clone();
+        match self.git_dir(owner, repo) {
+            Some(dir) => Ok((home, dir)),
+            None => Err(FakeGiteaError::NoGitRepo {
+                owner: owner.to_owned(),
+                repo: repo.to_owned(),
+            }),
+        }
+    }
+
+    /// Create a bare git repository for `owner/repo` in the server's temp dir, with one
+    /// commit on `main` holding `files` (`(path, content)`; paths may contain `/`). The
+    /// commit's author and date are fixed, so its id is the same on every run. Pushes
+    /// are allowed (`http.receivepack`), and the repository exists for the API too.
+    /// Returns the repository's directory.
+    ///
+    /// # Errors
+    /// When a name is unusable, the repository already has one, or git fails.
+    pub fn add_git_repo(
+        &self,
+        owner: &str,
+        repo: &str,
+        files: &[(&str, &str)],
+    ) -> Result<PathBuf, FakeGiteaError> {
+        check_name("owner", owner)?;
+        check_name("repository", repo)?;
+        if self.git_dir(owner, repo).is_some() {
+            return Err(FakeGiteaError::GitRepoExists {
+                owner: owner.to_owned(),
+                repo: repo.to_owned(),
+            });
+        }
+        let (home, root) = {
+            let inner = lock(&self.shared);
+            (inner.home.clone(), inner.project_root())
+        };
+        let dir = root.join(owner).join(format!("{repo}.git"));
+        git::create_repo(&home, &dir, files)?;
+        lock(&self.shared).repo_mut(owner, repo).git = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// The user and token git requests must present (replacing earlier ones). Until this
+    /// is called, every git request is refused with 401.
+    pub fn set_git_credentials(&self, username: &str, token: &str) {
+        lock(&self.shared).git_credentials = Some(GitCredentials {
+            username: username.to_owned(),
+            token: token.to_owned(),
+        });
+    }
+
+    /// Every ref of the repository and the commit it points at, e.g.
+    /// `refs/heads/main → 40 hex digits`.
+    ///
+    /// # Errors
+    /// When the repository has no git repository, or git fails.
+    pub fn git_refs(
+        &self,
+        owner: &str,
+        repo: &str,
+    ) -> Result<BTreeMap<String, String>, FakeGiteaError> {
+        let (home, dir) = self.require_git_dir(owner, repo)?;
+        git::refs(&home, &dir)
+    }
+
+    /// The content of `path` at `rev` (a branch, a ref or a commit id), or `None` when
+    /// there is no such file there.
+    ///
+    /// # Errors
+    /// When the repository has no git repository, or git fails.
+    pub fn git_file(
+        &self,
+        owner: &str,
+        repo: &str,
+        rev: &str,
+        path: &str,
+    ) -> Result<Option<String>, FakeGiteaError> {
+        let (home, dir) = self.require_git_dir(owner, repo)?;
+        git::file(&home, &dir, rev, path)
+    }
+
+    /// Every git request answered so far (refused ones included), oldest first.
+    #[must_use]
+    pub fn git_requests(&self) -> Vec<GitRequest> {
+        lock(&self.shared).git_requests.clone()
+    }
+
+    /// Register a webhook on `owner/repo` that gets every event, signed with `secret`
+    /// (an empty secret sends empty signatures, as Gitea does). `url` must be plain
+    /// `http://` to a loopback address.
+    ///
+    /// # Errors
+    /// When `url` is not such a URL.
+    pub fn add_webhook(
+        &self,
+        owner: &str,
+        repo: &str,
+        url: &str,
+        secret: &str,
+    ) -> Result<(), FakeGiteaError> {
+        webhooks::check_url(url)?;
+        let mut inner = lock(&self.shared);
+        inner.repo_mut(owner, repo);
+        inner.hooks.push(Hook {
+            owner: owner.to_owned(),
+            repo: repo.to_owned(),
+            url: url.to_owned(),
+            secret: secret.to_owned(),
+        });
+        Ok(())
+    }
+
+    /// Add `label` (created in the repository when missing) as `sender` would in the
+    /// web UI, and deliver `issue_label` (`X-Gitea-Event: issues`) with action
+    /// `label_updated`; on a pull request, `pull_request_label`.
+    ///
+    /// # Errors
+    /// When there is no such issue.
+    pub fn label_issue(
+        &self,
+        owner: &str,
+        repo: &str,
+        number: u64,
+        label: &str,
+        sender: &str,
+    ) -> Result<(), FakeGiteaError> {
+        let mut inner = lock(&self.shared);
+        issue_mut(&mut inner, owner, repo, number)?;
+        let label_id = inner.label_id(owner, repo, label);
+        let now = inner.now();
+        let rec = issue_mut(&mut inner, owner, repo, number)?;
+        if !rec.label_ids.contains(&label_id) {
+            rec.label_ids.push(label_id);
+        }
+        rec.updated_at = now;
+        inner.notify(owner, repo, number, Change::Labeled, sender, None);
+        Ok(())
+    }
+
+    /// Assign `assignee` as `sender` would, and deliver `issue_assign`
+    /// (`X-Gitea-Event: issues`) with action `assigned`; on a pull request,
+    /// `pull_request_assign`.
+    ///
+    /// # Errors
+    /// When there is no such issue.
+    pub fn assign_issue(
+        &self,
+        owner: &str,
+        repo: &str,
+        number: u64,
+        assignee: &str,
+        sender: &str,
+    ) -> Result<(), FakeGiteaError> {
+        let mut inner = lock(&self.shared);
+        let now = inner.now();
+        let rec = issue_mut(&mut inner, owner, repo, number)?;
+        if !rec.assignees.iter().any(|a| a == assignee) {
+            rec.assignees.push(assignee.to_owned());
+        }
+        rec.updated_at = now;
+        inner.notify(owner, repo, number, Change::Assigned, sender, None);
+        Ok(())
+    }
+
+    /// Post a comment as `user` (a human in the web UI) and deliver `issue_comment` with
+    /// action `created`; on a pull request the event type is `pull_request_comment`, the
+    /// payload has `is_pull: true` and `pull_request`. Returns the comment's id.
+    ///
+    /// # Errors
+    /// When there is no such issue.
+    pub fn comment_as(
+        &self,
+        owner: &str,
+        repo: &str,
+        number: u64,
+        user: &str,
+        body: &str,
+    ) -> Result<i64, FakeGiteaError> {
+        let mut inner = lock(&self.shared);
+        issue_mut(&mut inner, owner, repo, number)?;
+        let id = inner.id();
+        let now = inner.now();
+        let rec = issue_mut(&mut inner, owner, repo, number)?;
+        rec.comments.push(CommentRec {
+            id,
+            user: user.to_owned(),
+            body: body.to_owned(),
+            created_at: now.clone(),
+            updated_at: now.clone(),
+        });
+        rec.updated_at = now;
+        inner.notify_comment(owner, repo, number, id, user);
+        Ok(id)
+    }
+
+    /// Every delivery so far (redeliveries included), in the order they were queued.
+    #[must_use]
+    pub fn deliveries(&self) -> Vec<DeliveryRecord> {
+        lock(&self.shared).deliveries.clone()
+    }
+
+    /// Gitea's "Redeliver": send the body of delivery `id` again, byte for byte with the
+    /// same signature, as a new delivery with a new id (Gitea's `ReplayHookTask` copies
+    /// the payload into a new task with a new UUID). Returns the new id, or `None` when
+    /// no delivery has id `id`.
+    pub fn redeliver(&self, id: &str) -> Option<String> {
+        let new_id = webhooks::uuid_v4();
+        let mut inner = lock(&self.shared);
+        let mut record = inner.deliveries.iter().find(|d| d.id == id)?.clone();
+        record.id.clone_from(&new_id);
+        for (name, value) in &mut record.headers {
+            if name.ends_with("-Delivery") {
+                value.clone_from(&new_id);
+            }
+        }
+        reset(&mut record);
+        inner.enqueue(record);
+        Some(new_id)
+    }
+
+    /// Send delivery `id` again exactly as it was, delivery id included: what a receiver
+    /// sees when the same delivery reaches it twice (Gitea itself gives a redelivery a
+    /// new id, see [`FakeGitea::redeliver`]). Returns whether such a delivery exists.
+    pub fn resend(&self, id: &str) -> bool {
+        let mut inner = lock(&self.shared);
+        let Some(mut record) = inner.deliveries.iter().find(|d| d.id == id).cloned() else {
+            return false;
+        };
+        reset(&mut record);
+        inner.enqueue(record);
+        true
+    }
+
+    /// Wait until at least `count` deliveries have been attempted, then return them all.
+    ///
+    /// # Errors
+    /// When fewer than `count` were attempted within `timeout`.
+    pub async fn wait_deliveries(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<DeliveryRecord>, FakeGiteaError> {
+        let mut attempted = lock(&self.shared).delivered.subscribe();
+        let reached = tokio::time::timeout(timeout, attempted.wait_for(|n| *n >= count))
+            .await
+            .is_ok_and(|waited| waited.is_ok());
+        if reached {
+            return Ok(self.deliveries());
+        }
+        Err(FakeGiteaError::DeliveryTimeout {
+            wanted: count,
+            attempted: *attempted.borrow(),
+            waited: timeout,
+        })
+    }
+}
+
+/// A copy of a delivery, not yet attempted.
+fn reset(record: &mut DeliveryRecord) {
+    record.attempted = false;
+    record.status = None;
+    record.error = None;
+}
+
+fn issue_mut<'a>(
+    inner: &'a mut Inner,
+    owner: &str,
+    repo: &str,
+    number: u64,
+) -> Result<&'a mut IssueRec, FakeGiteaError> {
+    inner
+        .repos
+        .get_mut(&(owner.to_owned(), repo.to_owned()))
+        .and_then(|r| r.issues.get_mut(&number))
+        .ok_or_else(|| FakeGiteaError::NoIssue {
+            owner: owner.to_owned(),
+            repo: repo.to_owned(),
+            number,
+        })
+}
+
+/// A pull request from `head` to `base` with the commit ids of its branches, or `None`
+/// when either branch is missing.
+fn pull_from_git(
+    home: &std::path::Path,
+    dir: &std::path::Path,
+    head: &str,
+    base: &str,
+) -> Option<PullRec> {
+    let refs = git::refs(home, dir).ok()?;
+    let head_sha = refs.get(&format!("refs/heads/{head}"))?.clone();
+    let base_sha = refs.get(&format!("refs/heads/{base}"))?.clone();
+    let merge_base =
+        git::merge_base(home, dir, &base_sha, &head_sha).unwrap_or_else(|| base_sha.clone());
+    Some(PullRec {
+        head: head.to_owned(),
+        head_sha,
+        base: base.to_owned(),
+        base_sha,
+        merge_base,
+        merged: false,
+    })
 }
 
 /// A stable 40-hex-digit stand-in for a commit SHA.
@@ -554,10 +1389,115 @@ fn router(shared: Shared) -> Router {
         .fold(Router::new(), |api, (path, methods)| {
             api.route(path, methods)
         });
+    // Git requests skip the API's recording layer (which buffers bodies and applies the
+    // delay): they are recorded in `git_requests` instead.
+    let git = Router::new()
+        .route("/{owner}/{repo}/info/refs", get(git_info_refs))
+        .route("/{owner}/{repo}/git-upload-pack", post(git_upload_pack))
+        .route("/{owner}/{repo}/git-receive-pack", post(git_receive_pack));
     Router::new()
         .nest(BASE_PATH, api)
         .layer(middleware::from_fn_with_state(shared.clone(), record))
+        .merge(git)
         .with_state(shared)
+}
+
+type GitPath = Path<(String, String)>;
+
+async fn git_info_refs(
+    State(shared): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<PeerAddr>,
+    Path((owner, repo)): GitPath,
+    request: Request,
+) -> Response {
+    git_request(shared, peer.0, owner, repo, Service::InfoRefs, request).await
+}
+
+async fn git_upload_pack(
+    State(shared): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<PeerAddr>,
+    Path((owner, repo)): GitPath,
+    request: Request,
+) -> Response {
+    git_request(shared, peer.0, owner, repo, Service::UploadPack, request).await
+}
+
+async fn git_receive_pack(
+    State(shared): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<PeerAddr>,
+    Path((owner, repo)): GitPath,
+    request: Request,
+) -> Response {
+    git_request(shared, peer.0, owner, repo, Service::ReceivePack, request).await
+}
+
+/// One git request: credentials first (every repository is private, so Gitea asks for
+/// them before it says whether the repository exists), then `git http-backend`.
+async fn git_request(
+    shared: Shared,
+    peer: SocketAddr,
+    owner: String,
+    repo_segment: String,
+    service: Service,
+    request: Request,
+) -> Response {
+    let method = request.method().to_string();
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or_else(|| request.uri().path().to_owned(), ToString::to_string);
+    let repo = repo_segment
+        .strip_suffix(".git")
+        .unwrap_or(&repo_segment)
+        .to_owned();
+    let (user, found) = {
+        let inner = lock(&shared);
+        let user = git::authenticate(
+            inner.git_credentials.as_ref(),
+            request.headers().get(header::AUTHORIZATION),
+        );
+        let found = inner
+            .repos
+            .get(&(owner.clone(), repo.clone()))
+            .and_then(|r| r.git.clone())
+            .map(|dir| (inner.home.clone(), inner.project_root(), dir));
+        (user, found)
+    };
+    let (response, pushed) = match (&user, found) {
+        (None, _) => (git::unauthorized(), None),
+        (Some(_), None) => (
+            git::plain(StatusCode::NOT_FOUND, "Repository not found\n"),
+            None,
+        ),
+        (Some(user), Some((home, project_root, dir))) => {
+            let run = BackendRun {
+                home: home.clone(),
+                project_root,
+                owner: owner.clone(),
+                repo: repo.clone(),
+                service,
+                user: user.clone(),
+                peer,
+            };
+            let response = git::run_backend(run, request).await;
+            let pushed = (service == Service::ReceivePack && response.status() == StatusCode::OK)
+                .then_some((home, dir, user.clone()));
+            (response, pushed)
+        }
+    };
+    if let Some((home, dir, pusher)) = pushed {
+        let refs = tokio::task::spawn_blocking(move || git::refs(&home, &dir)).await;
+        if let Ok(Ok(refs)) = refs {
+            lock(&shared).sync_pulls(&owner, &repo, &refs, &pusher);
+        }
+    }
+    lock(&shared).git_requests.push(GitRequest {
+        method,
+        path,
+        user,
+        status: response.status().as_u16(),
+    });
+    response
 }
 
 async fn record(State(shared): State<Shared>, request: Request, next: Next) -> Response {
@@ -720,17 +1660,103 @@ fn issue_json(owner: &str, repo: &str, repo_rec: &Repo, rec: &IssueRec) -> Value
     })
 }
 
-fn branch_json(repo_rec: &Repo, owner: &str, repo: &str, name: &str, sha: &str) -> Value {
+/// The repository as Gitea's `Repository` (a subset of its fields, all from the spec).
+fn repository_json(base_url: &str, owner: &str, repo: &str, repo_rec: &Repo) -> Value {
+    let open_issues = repo_rec
+        .issues
+        .values()
+        .filter(|i| i.open && i.pull.is_none())
+        .count();
+    let open_pulls = repo_rec
+        .issues
+        .values()
+        .filter(|i| i.open && i.pull.is_some())
+        .count();
+    let mut repository = json!({
+        "id": repo_rec.id,
+        "owner": user_json(owner),
+        "name": repo,
+        "full_name": format!("{owner}/{repo}"),
+        "description": "",
+        "empty": repo_rec.git.is_none(),
+        "private": true,
+        "fork": false,
+        "template": false,
+        "parent": null,
+        "mirror": false,
+        "size": 0,
+        "language": "",
+        "languages_url": format!("{base_url}{BASE_PATH}/repos/{owner}/{repo}/languages"),
+        "html_url": format!("{base_url}/{owner}/{repo}"),
+        "url": format!("{base_url}{BASE_PATH}/repos/{owner}/{repo}"),
+        "link": "",
+        "ssh_url": "",
+        "clone_url": format!("{base_url}/{owner}/{repo}.git"),
+        "original_url": "",
+        "website": "",
+        "stars_count": 0,
+        "forks_count": 0,
+        "watchers_count": 0,
+        "open_issues_count": open_issues,
+        "open_pr_counter": open_pulls,
+        "release_counter": 0,
+    });
+    // Two `json!` calls: one would exceed the macro's recursion limit.
+    let settings = json!({
+        "default_branch": "main",
+        "archived": false,
+        "created_at": "2026-01-01T00:00:00Z",
+        "updated_at": "2026-01-01T00:00:00Z",
+        "archived_at": "1970-01-01T00:00:00Z",
+        "permissions": { "admin": true, "push": true, "pull": true },
+        "has_code": true,
+        "has_issues": true,
+        "has_wiki": false,
+        "has_pull_requests": true,
+        "has_projects": false,
+        "has_releases": false,
+        "has_packages": false,
+        "has_actions": false,
+        "internal": false,
+        "object_format_name": "sha1",
+        "mirror_interval": "",
+        "mirror_updated": "0001-01-01T00:00:00Z",
+        "repo_transfer": null,
+        "topics": null,
+        "licenses": null,
+        "avatar_url": "",
+    });
+    if let (Some(fields), Value::Object(more)) = (repository.as_object_mut(), settings) {
+        fields.extend(more);
+    }
+    repository
+}
+
+fn branch_json(
+    base_url: &str,
+    repo_rec: &Repo,
+    owner: &str,
+    repo: &str,
+    name: &str,
+    sha: &str,
+) -> Value {
     json!({
         "label": name,
         "ref": name,
         "sha": sha,
         "repo_id": repo_rec.id,
-        "repo": { "id": repo_rec.id, "name": repo, "full_name": format!("{owner}/{repo}") },
+        "repo": repository_json(base_url, owner, repo, repo_rec),
     })
 }
 
-fn pull_json(owner: &str, repo: &str, repo_rec: &Repo, rec: &IssueRec, pull: &PullRec) -> Value {
+fn pull_json(
+    base_url: &str,
+    owner: &str,
+    repo: &str,
+    repo_rec: &Repo,
+    rec: &IssueRec,
+    pull: &PullRec,
+) -> Value {
     let html = format!("http://127.0.0.1/{owner}/{repo}/pulls/{}", rec.number);
     json!({
         "id": rec.id,
@@ -762,9 +1788,9 @@ fn pull_json(owner: &str, repo: &str, repo_rec: &Repo, rec: &IssueRec, pull: &Pu
         "merge_commit_sha": if pull.merged { Value::String(pull.head_sha.clone()) } else { Value::Null },
         "merged_by": null,
         "allow_maintainer_edit": false,
-        "base": branch_json(repo_rec, owner, repo, &pull.base, &fake_sha(&pull.base)),
-        "head": branch_json(repo_rec, owner, repo, &pull.head, &pull.head_sha),
-        "merge_base": fake_sha(&pull.base),
+        "base": branch_json(base_url, repo_rec, owner, repo, &pull.base, &pull.base_sha),
+        "head": branch_json(base_url, repo_rec, owner, repo, &pull.head, &pull.head_sha),
+        "merge_base": pull.merge_base,
         "due_date": null,
         "created_at": rec.created_at,
         "updated_at": rec.updated_at,
@@ -838,6 +1864,7 @@ async fn get_issue(
 async fn edit_issue(
     State(shared): State<Shared>,
     Path((owner, repo, index)): Path<(String, String, u64)>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let Ok(option) = serde_json::from_slice::<Value>(&body) else {
@@ -851,6 +1878,8 @@ async fn edit_issue(
     let Some(rec) = repo_rec.issues.get_mut(&index) else {
         return not_found();
     };
+    // Webhooks in the order Gitea's EditIssue causes them: title, body, state.
+    let mut changes = Vec::new();
     if let Some(new_body) = option.get("body").and_then(Value::as_str) {
         if let Some(expected) = option.get("content_version").and_then(Value::as_i64)
             && expected != rec.content_version
@@ -858,23 +1887,45 @@ async fn edit_issue(
             return api_error(StatusCode::CONFLICT, "the issue is already changed");
         }
         if new_body != rec.body {
-            rec.body = new_body.to_owned();
+            let old = std::mem::replace(&mut rec.body, new_body.to_owned());
             rec.content_version += 1;
+            changes.push((Change::Edited, Some(json!({ "body": { "from": old } }))));
         }
     }
-    if let Some(title) = option.get("title").and_then(Value::as_str) {
-        title.clone_into(&mut rec.title);
+    if let Some(title) = option.get("title").and_then(Value::as_str)
+        && title != rec.title
+    {
+        let old = std::mem::replace(&mut rec.title, title.to_owned());
+        changes.insert(
+            0,
+            (Change::Edited, Some(json!({ "title": { "from": old } }))),
+        );
     }
     if let Some(state) = option.get("state").and_then(Value::as_str) {
-        rec.open = state == "open";
+        let open = state == "open";
+        if open != rec.open {
+            rec.open = open;
+            let change = if open {
+                Change::Reopened
+            } else {
+                Change::Closed
+            };
+            changes.push((change, None));
+        }
     }
     rec.updated_at = now;
-    let rec = rec.clone();
+    let sender = doer(&headers);
+    for (change, detail) in changes {
+        inner.notify(&owner, &repo, index, change, &sender, detail);
+    }
     let repo_rec = &inner.repos[&(owner.clone(), repo.clone())];
+    let Some(rec) = repo_rec.issues.get(&index) else {
+        return not_found();
+    };
     // Gitea answers an edit with 201 Created (spec: issueEditIssue).
     json_status(
         StatusCode::CREATED,
-        issue_json(&owner, &repo, repo_rec, &rec),
+        issue_json(&owner, &repo, repo_rec, rec),
     )
 }
 
@@ -931,6 +1982,7 @@ async fn create_comment(
     };
     rec.comments.push(comment.clone());
     rec.updated_at = now;
+    inner.notify_comment(&owner, &repo, index, id, &comment.user);
     json_status(
         StatusCode::CREATED,
         comment_json(&owner, &repo, index, &comment),
@@ -957,6 +2009,7 @@ async fn list_issue_labels(
 async fn add_issue_labels(
     State(shared): State<Shared>,
     Path((owner, repo, index)): Path<(String, String, u64)>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let Ok(option) = serde_json::from_slice::<Value>(&body) else {
@@ -988,27 +2041,35 @@ async fn add_issue_labels(
     let Some(rec) = repo_rec.issues.get_mut(&index) else {
         return not_found();
     };
+    let mut added = false;
     for id in ids {
         if !rec.label_ids.contains(&id) {
             rec.label_ids.push(id);
+            added = true;
         }
     }
     rec.updated_at = now;
-    let rec = rec.clone();
+    if added {
+        inner.notify(&owner, &repo, index, Change::Labeled, &doer(&headers), None);
+    }
     let repo_rec = &inner.repos[&(owner.clone(), repo.clone())];
+    let Some(rec) = repo_rec.issues.get(&index) else {
+        return not_found();
+    };
     json_status(
         StatusCode::OK,
-        Value::Array(issue_labels_json(&owner, &repo, repo_rec, &rec)),
+        Value::Array(issue_labels_json(&owner, &repo, repo_rec, rec)),
     )
 }
 
 async fn remove_issue_label(
     State(shared): State<Shared>,
     Path((owner, repo, index, id)): Path<(String, String, u64, i64)>,
+    headers: HeaderMap,
 ) -> Response {
     let mut inner = lock(&shared);
     let now = inner.now();
-    let Some(repo_rec) = inner.repos.get_mut(&(owner, repo)) else {
+    let Some(repo_rec) = inner.repos.get_mut(&(owner.clone(), repo.clone())) else {
         return not_found();
     };
     if !repo_rec.labels.iter().any(|l| l.id == id) {
@@ -1017,8 +2078,12 @@ async fn remove_issue_label(
     let Some(rec) = repo_rec.issues.get_mut(&index) else {
         return not_found();
     };
+    let before = rec.label_ids.len();
     rec.label_ids.retain(|l| *l != id);
     rec.updated_at = now;
+    if rec.label_ids.len() != before {
+        inner.notify(&owner, &repo, index, Change::Labeled, &doer(&headers), None);
+    }
     StatusCode::NO_CONTENT.into_response()
 }
 
@@ -1034,7 +2099,7 @@ async fn get_pull(
         Some(rec) => match &rec.pull {
             Some(pull) => json_status(
                 StatusCode::OK,
-                pull_json(&owner, &repo, repo_rec, rec, pull),
+                pull_json(&inner.base_url, &owner, &repo, repo_rec, rec, pull),
             ),
             None => not_found(),
         },
@@ -1063,7 +2128,7 @@ async fn list_pulls(
             "all" => true,
             _ => rec.open,
         })
-        .map(|(rec, pull)| pull_json(&owner, &repo, repo_rec, rec, pull))
+        .map(|(rec, pull)| pull_json(&inner.base_url, &owner, &repo, repo_rec, rec, pull))
         .collect();
     json_status(StatusCode::OK, Value::Array(page_of(&all, &query)))
 }
@@ -1091,6 +2156,27 @@ async fn create_pull(
             "head, base and title are required and head must differ from base",
         );
     }
+    // With a git repository, head and base must be branches there (Gitea's
+    // `parseCompareInfo` answers 404 otherwise), and the commit ids are real.
+    let git = {
+        let inner = lock(&shared);
+        let Some(repo_rec) = inner.repos.get(&(owner.clone(), repo.clone())) else {
+            return not_found();
+        };
+        repo_rec.git.clone().map(|dir| (inner.home.clone(), dir))
+    };
+    let pull = match git {
+        Some((home, dir)) => {
+            let (head, base) = (head.clone(), base.clone());
+            let found =
+                tokio::task::spawn_blocking(move || pull_from_git(&home, &dir, &head, &base)).await;
+            match found {
+                Ok(Some(pull)) => pull,
+                _ => return not_found(),
+            }
+        }
+        None => PullRec::without_git(&head, &base),
+    };
     let mut inner = lock(&shared);
     let Some(repo_rec) = inner.repos.get(&(owner.clone(), repo.clone())) else {
         return not_found();
@@ -1108,13 +2194,14 @@ async fn create_pull(
             "pull request already exists for these targets",
         );
     }
+    let sender = doer(&headers);
     let number = inner.create_issue(
         &owner,
         &repo,
         NewIssue {
             title,
             body: field("body"),
-            author: doer(&headers),
+            author: sender.clone(),
             ..NewIssue::default()
         },
     );
@@ -1122,18 +2209,20 @@ async fn create_pull(
     let Some(rec) = repo_rec.issues.get_mut(&number) else {
         return not_found();
     };
-    let pull = PullRec {
-        head_sha: fake_sha(&head),
-        head,
-        base,
-        merged: false,
-    };
-    rec.pull = Some(pull.clone());
-    let rec = rec.clone();
-    json_status(
-        StatusCode::CREATED,
-        pull_json(&owner, &repo, repo_rec, &rec, &pull),
-    )
+    rec.pull = Some(pull);
+    inner.notify(&owner, &repo, number, Change::Opened, &sender, None);
+    let repo_rec = &inner.repos[&(owner.clone(), repo.clone())];
+    match repo_rec.issues.get(&number) {
+        Some(
+            rec @ IssueRec {
+                pull: Some(pull), ..
+            },
+        ) => json_status(
+            StatusCode::CREATED,
+            pull_json(&inner.base_url, &owner, &repo, repo_rec, rec, pull),
+        ),
+        _ => not_found(),
+    }
 }
 
 async fn list_repo_labels(

@@ -83,10 +83,17 @@ pub(crate) fn respond(shared: &Shared, request: &RecordedRequest) -> http::Respo
 fn responses(shared: &Shared, body: &Value) -> http::Response<Body> {
     let script = &shared.config.script;
     let tools = script::tool_names(body);
-    let turn = script.turn_for(function_call_outputs(body));
+    let turn = script.turn_for(script::turn_index(
+        function_call_outputs(body),
+        resumed_prompts(body),
+    ));
     let item = match &turn {
         Turn::Text(text) => message_item(&shared.next_id("msg"), text),
         _ if tools.is_empty() => message_item(&shared.next_id("msg"), &script.final_text()),
+        Turn::Tool { name, .. } if !script::has(&tools, name) => message_item(
+            &shared.next_id("msg"),
+            &script::unoffered_tool(name, &tools),
+        ),
         _ => match script::openai_tool_call(&turn, &tools) {
             Ok(call) => json!({
                 "type": "function_call",
@@ -145,6 +152,44 @@ fn function_call_outputs(body: &Value) -> usize {
                 })
                 .count()
         })
+}
+
+/// How many user prompts follow the first output of the model (a function call, an
+/// assistant message, reasoning): each is a resumed turn. codex sends its environment
+/// and instructions as user messages too; those are context, not prompts.
+fn resumed_prompts(body: &Value) -> usize {
+    let Some(items) = body.get("input").and_then(Value::as_array) else {
+        return 0;
+    };
+    let mut replied = false;
+    let mut prompts = 0;
+    for item in items {
+        let kind = item.get("type").and_then(Value::as_str);
+        let role = item.get("role").and_then(Value::as_str);
+        match (kind, role) {
+            (Some("function_call" | "reasoning" | "local_shell_call" | "custom_tool_call"), _)
+            | (_, Some("assistant")) => replied = true,
+            (None | Some("message"), Some("user")) if replied && is_prompt(item.get("content")) => {
+                prompts += 1;
+            }
+            _ => {}
+        }
+    }
+    prompts
+}
+
+fn is_prompt(content: Option<&Value>) -> bool {
+    match content {
+        Some(Value::String(text)) => !script::is_context_text(text),
+        Some(Value::Array(parts)) => parts.iter().any(|part| {
+            part.get("type").and_then(Value::as_str) == Some("input_text")
+                && part
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .is_some_and(|text| !script::is_context_text(text))
+        }),
+        _ => false,
+    }
 }
 
 fn response_object(
@@ -283,5 +328,40 @@ mod tests {
         ]});
         assert_eq!(function_call_outputs(&body), 1);
         assert_eq!(function_call_outputs(&json!({})), 0);
+    }
+
+    fn user(text: &str) -> Value {
+        json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]})
+    }
+
+    #[test]
+    fn a_resumed_responses_conversation_gets_the_next_turn() {
+        // codex: instructions and environment as user messages, then the prompt.
+        let fresh = json!({"input": [
+            user("# AGENTS.md instructions for /w\n\n<INSTRUCTIONS>\nbe brief\n</INSTRUCTIONS>"),
+            user("<environment_context>\n  <cwd>/w</cwd>\n</environment_context>"),
+            user("write hello.txt")
+        ]});
+        assert_eq!(
+            script::turn_index(function_call_outputs(&fresh), resumed_prompts(&fresh)),
+            0
+        );
+        // `codex exec resume --last "next"`: the earlier turn, then the new prompt (and a
+        // repeated environment block, which is context).
+        let mut resumed = fresh.clone();
+        let items = resumed["input"].as_array_mut().unwrap();
+        items.push(json!({"type": "reasoning", "summary": []}));
+        items.push(json!({"type": "function_call", "call_id": "c", "name": "exec_command", "arguments": "{}"}));
+        items.push(json!({"type": "function_call_output", "call_id": "c", "output": "ok"}));
+        items.push(json!({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "done"}]}));
+        items.push(user(
+            "<environment_context>\n  <cwd>/w</cwd>\n</environment_context>",
+        ));
+        items.push(json!({"role": "user", "content": "now add a test"}));
+        assert_eq!(
+            (function_call_outputs(&resumed), resumed_prompts(&resumed)),
+            (1, 1)
+        );
+        assert_eq!(script::turn_index(1, 1), 2);
     }
 }

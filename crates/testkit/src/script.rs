@@ -4,6 +4,10 @@
 //! receives, not from a request counter: turn `n` answers a request whose history already
 //! holds `n` tool results. A client that retries, or sends a side request, therefore gets
 //! the same answer again instead of skipping ahead.
+//!
+//! A resumed conversation (`claude --continue`, `codex exec resume`) carries the earlier
+//! turns and then a new prompt; it gets the next turn, not the last one again. Each prompt
+//! that follows an assistant reply counts as one more turn done (see [`turn_index`]).
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +25,11 @@ pub enum Turn {
     Shell { command: String },
     /// Answer with text and end the turn (`end_turn`, or an assistant message).
     Text(String),
+    /// Call the tool `name` with `input`, exactly as given: an MCP tool is named as the
+    /// client names it (Claude Code: `mcp__<server>__<tool>`). When the request does not
+    /// offer a tool of that name, the fixture answers with a text turn that says so, so a
+    /// test fails on it instead of quietly going on.
+    Tool { name: String, input: Value },
 }
 
 /// A list of turns; the last one is repeated for any later request.
@@ -68,14 +77,47 @@ impl Script {
             .unwrap_or_else(|| "done".to_owned())
     }
 
-    /// The turn that answers a request whose history holds `tool_results` tool results.
+    /// The turn at `index` (see [`turn_index`]); the last turn for any later index.
     #[must_use]
-    pub fn turn_for(&self, tool_results: usize) -> Turn {
-        match self.turns.get(tool_results).or_else(|| self.turns.last()) {
+    pub fn turn_for(&self, index: usize) -> Turn {
+        match self.turns.get(index).or_else(|| self.turns.last()) {
             Some(turn) => turn.clone(),
             None => Turn::Text("done".to_owned()),
         }
     }
+}
+
+/// Which turn answers a conversation with `tool_results` tool results and
+/// `resumed_prompts` user prompts after the first assistant reply.
+///
+/// Every tool result is one turn done. A conversation starts with one prompt, which
+/// answers to turn 0; each later prompt (a resumed CLI appends one) means the turn
+/// before it ended, so it counts as one more. That is "tool results + prompts - 1",
+/// with prompts counted only once the model has replied, because clients also send
+/// context as user messages before the real prompt (codex's `<environment_context>`,
+/// the AGENTS.md instructions).
+#[must_use]
+pub fn turn_index(tool_results: usize, resumed_prompts: usize) -> usize {
+    tool_results + resumed_prompts
+}
+
+/// Whether a user text is context the client added rather than a prompt someone wrote:
+/// one wholly tag-wrapped block (`<system-reminder>…</system-reminder>`,
+/// `<environment_context>…</environment_context>`) or codex's AGENTS.md instructions.
+pub(crate) fn is_context_text(text: &str) -> bool {
+    let text = text.trim();
+    text.is_empty()
+        || (text.starts_with('<') && text.ends_with('>'))
+        || text.starts_with("# AGENTS.md instructions")
+}
+
+/// The text a fixture answers with when the script calls a tool the request does not
+/// offer.
+pub(crate) fn unoffered_tool(name: &str, tools: &[String]) -> String {
+    format!(
+        "fixture: the script calls tool `{name}`, which this request does not offer (offered: {})",
+        tools.join(", ")
+    )
 }
 
 /// A tool call resolved against the tools a client offered.
@@ -165,7 +207,7 @@ fn absolute(path: &str, cwd: Option<&Path>) -> Result<String, String> {
     }
 }
 
-fn has(tools: &[String], name: &str) -> bool {
+pub(crate) fn has(tools: &[String], name: &str) -> bool {
     tools.iter().any(|tool| tool == name)
 }
 
@@ -204,7 +246,19 @@ pub(crate) fn anthropic_tool_call(
             shell(write_command(path, content)).ok_or_else(|| missing("Write", tools))
         }
         Turn::Shell { command } => shell(command.clone()).ok_or_else(|| missing("Bash", tools)),
+        Turn::Tool { name, input } => named_call(name, input, tools),
         Turn::Text(_) => Err("a text turn is not a tool call".to_owned()),
+    }
+}
+
+fn named_call(name: &str, input: &Value, tools: &[String]) -> Result<ToolCall, String> {
+    if has(tools, name) {
+        Ok(ToolCall {
+            name: name.to_owned(),
+            input: input.clone(),
+        })
+    } else {
+        Err(unoffered_tool(name, tools))
     }
 }
 
@@ -216,6 +270,7 @@ pub(crate) fn openai_tool_call(turn: &Turn, tools: &[String]) -> Result<ToolCall
     let command = match turn {
         Turn::WriteFile { path, content } => write_command(path, content),
         Turn::Shell { command } => command.clone(),
+        Turn::Tool { name, input } => return named_call(name, input, tools),
         Turn::Text(_) => return Err("a text turn is not a tool call".to_owned()),
     };
     if has(tools, "exec_command") {
@@ -371,6 +426,40 @@ mod tests {
             working_directory(&json!({"system": "Working directory: relative"})),
             None
         );
+    }
+
+    #[test]
+    fn a_tool_turn_calls_exactly_the_named_tool_or_says_it_is_missing() {
+        let turn = Turn::Tool {
+            name: "mcp__forge__signal_done".to_owned(),
+            input: json!({"status": "done", "summary": "ok"}),
+        };
+        let tools = vec!["Bash".to_owned(), "mcp__forge__signal_done".to_owned()];
+        let expected = ToolCall {
+            name: "mcp__forge__signal_done".to_owned(),
+            input: json!({"status": "done", "summary": "ok"}),
+        };
+        assert_eq!(anthropic_tool_call(&turn, &tools, None).unwrap(), expected);
+        assert_eq!(openai_tool_call(&turn, &tools).unwrap(), expected);
+        let err = openai_tool_call(&turn, &["exec_command".to_owned()]).unwrap_err();
+        assert_eq!(
+            err,
+            "fixture: the script calls tool `mcp__forge__signal_done`, which this request does not offer (offered: exec_command)"
+        );
+    }
+
+    #[test]
+    fn context_texts_are_not_prompts() {
+        assert!(is_context_text("<system-reminder>\nx\n</system-reminder>"));
+        assert!(is_context_text(
+            "  <environment_context>\n  <cwd>/w</cwd>\n</environment_context>\n"
+        ));
+        assert!(is_context_text(
+            "# AGENTS.md instructions for /w\n\n<INSTRUCTIONS>"
+        ));
+        assert!(is_context_text("  "));
+        assert!(!is_context_text("fix the <b> tag"));
+        assert!(!is_context_text("now also add a test"));
     }
 
     #[test]

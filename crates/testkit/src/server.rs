@@ -287,7 +287,7 @@ pub(crate) async fn start(
     })
 }
 
-fn tls_acceptor(identity: &TlsIdentity) -> Result<TlsAcceptor, FixtureError> {
+pub(crate) fn tls_acceptor(identity: &TlsIdentity) -> Result<TlsAcceptor, FixtureError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut server = rustls::ServerConfig::builder()
         .with_no_client_auth()

@@ -5,6 +5,7 @@
 )]
 
 mod client;
+mod fake_gitea;
 mod fixture_anthropic;
 mod fixture_bin;
 mod fixture_echo;
