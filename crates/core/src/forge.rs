@@ -167,6 +167,10 @@ impl BottlePlan {
         }
         match self.provider {
             ProviderKind::Claude => {
+                // Otherwise claude defers MCP tools behind its ToolSearch tool, and the
+                // model first has to find the forge tools by searching for them.
+                self.env
+                    .insert("ENABLE_TOOL_SEARCH".to_owned(), "false".to_owned());
                 let path = format!("{AGENT_HOME}/{CLAUDE_MCP_CONFIG}");
                 let config = serde_json::json!({
                     "mcpServers": { MCP_SERVER_NAME: { "type": "http", "url": url } }

@@ -805,6 +805,17 @@ impl Orchestrator {
         if current.status == ForgeStatus::Destroyed {
             // The PR closed while the session ran.
             launch::destroy(self.home(), &record.slug, &Progress::new(true)).await?;
+            let workspace = self
+                .home()
+                .root()
+                .join("forge/workspaces")
+                .join(&record.slug);
+            let _ = std::fs::remove_dir_all(workspace);
+            self.store()
+                .update(&record.owner, &record.repo, record.issue_number, &mut |s| {
+                    let why = s.note.as_deref().unwrap_or_default();
+                    s.note = Some(why.replacen("destroying", "destroyed", 1));
+                })?;
             return Ok(());
         }
         let failure = outcome.as_ref().err().map(ToString::to_string);
@@ -893,21 +904,25 @@ impl Orchestrator {
             .update(&record.owner, &record.repo, record.issue_number, &mut |s| {
                 s.status = ForgeStatus::Destroyed;
                 s.pending_prompt = None;
-                s.note = Some(format!("destroyed: {why}"));
+                s.note = Some(format!("destroying: {why}"));
             })?;
         let running = self.active().contains_key(&record.slug);
         if running {
             // The worker sees `destroyed` when the session ends and removes the bottle.
             launch::stop(self.home(), &record.slug).await?;
-        } else {
-            launch::destroy(self.home(), &record.slug, &Progress::new(true)).await?;
+            return Ok(());
         }
+        launch::destroy(self.home(), &record.slug, &Progress::new(true)).await?;
         let workspace = self
             .home()
             .root()
             .join("forge/workspaces")
             .join(&record.slug);
         let _ = std::fs::remove_dir_all(workspace);
+        self.store()
+            .update(&record.owner, &record.repo, record.issue_number, &mut |s| {
+                s.note = Some(format!("destroyed: {why}"));
+            })?;
         Ok(())
     }
 
@@ -1016,7 +1031,17 @@ impl Orchestrator {
                 .iter()
                 .any(|(_, e)| matches!(e.event, QueueEvent::SignalDone { .. }));
             match record.status {
-                ForgeStatus::Destroyed => {}
+                ForgeStatus::Destroyed => {
+                    // Destroying was under way when the last orchestrator stopped.
+                    if let Some(why) = record
+                        .note
+                        .as_deref()
+                        .and_then(|n| n.strip_prefix("destroying: "))
+                    {
+                        actions.push(format!("{}: finishing its destruction", record.slug));
+                        self.destroy_run(&record, why).await?;
+                    }
+                }
                 ForgeStatus::Running => {
                     // A session that never got its container (the launcher died while
                     // building the image, say) starts over; one that did is resumed.

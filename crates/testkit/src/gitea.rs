@@ -982,6 +982,23 @@ impl FakeGitea {
             .unwrap_or_default()
     }
 
+    /// The comments on an issue or pull request, oldest first, as (user, body).
+    #[must_use]
+    pub fn issue_comments(&self, owner: &str, repo: &str, number: u64) -> Vec<(String, String)> {
+        let inner = lock(&self.shared);
+        inner
+            .repos
+            .get(&(owner.to_owned(), repo.to_owned()))
+            .and_then(|r| r.issues.get(&number))
+            .map(|rec| {
+                rec.comments
+                    .iter()
+                    .map(|c| (c.user.clone(), c.body.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Names of the labels on an issue.
     #[must_use]
     pub fn label_names(&self, owner: &str, repo: &str, number: u64) -> Vec<String> {
@@ -1818,14 +1835,20 @@ fn comment_json(owner: &str, repo: &str, number: u64, c: &CommentRec) -> Value {
 
 /// The login behind a token: tests use `token <login>` so that writes are
 /// attributed to someone.
-fn doer(headers: &axum::http::HeaderMap) -> String {
-    headers
+/// The user an API request acts as: the owner of its token, as Gitea resolves it. The
+/// token of [`FakeGitea::set_git_credentials`] belongs to that user; any other token
+/// stands for a user named after it, and no token for `bot`.
+fn doer(credentials: Option<&GitCredentials>, headers: &axum::http::HeaderMap) -> String {
+    let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("token "))
-        .filter(|t| !t.is_empty())
-        .unwrap_or("bot")
-        .to_owned()
+        .filter(|t| !t.is_empty());
+    match (token, credentials) {
+        (Some(token), Some(known)) if token == known.token => known.username.clone(),
+        (Some(token), _) => token.to_owned(),
+        (None, _) => "bot".to_owned(),
+    }
 }
 
 fn page_of<T: Clone>(items: &[T], query: &HashMap<String, String>) -> Vec<T> {
@@ -1871,6 +1894,7 @@ async fn edit_issue(
         return api_error(StatusCode::BAD_REQUEST, "invalid json");
     };
     let mut inner = lock(&shared);
+    let doer_name = doer(inner.git_credentials.as_ref(), &headers);
     let now = inner.now();
     let Some(repo_rec) = inner.repos.get_mut(&(owner.clone(), repo.clone())) else {
         return not_found();
@@ -1914,7 +1938,7 @@ async fn edit_issue(
         }
     }
     rec.updated_at = now;
-    let sender = doer(&headers);
+    let sender = doer_name.clone();
     for (change, detail) in changes {
         inner.notify(&owner, &repo, index, change, &sender, detail);
     }
@@ -1964,6 +1988,7 @@ async fn create_comment(
         .unwrap_or_default()
         .to_owned();
     let mut inner = lock(&shared);
+    let doer_name = doer(inner.git_credentials.as_ref(), &headers);
     let id = inner.id();
     let now = inner.now();
     let Some(rec) = inner
@@ -1975,7 +2000,7 @@ async fn create_comment(
     };
     let comment = CommentRec {
         id,
-        user: doer(&headers),
+        user: doer_name.clone(),
         body: text,
         created_at: now.clone(),
         updated_at: now.clone(),
@@ -2021,6 +2046,7 @@ async fn add_issue_labels(
         .cloned()
         .unwrap_or_default();
     let mut inner = lock(&shared);
+    let doer_name = doer(inner.git_credentials.as_ref(), &headers);
     let now = inner.now();
     let Some(repo_rec) = inner.repos.get_mut(&(owner.clone(), repo.clone())) else {
         return not_found();
@@ -2050,7 +2076,14 @@ async fn add_issue_labels(
     }
     rec.updated_at = now;
     if added {
-        inner.notify(&owner, &repo, index, Change::Labeled, &doer(&headers), None);
+        inner.notify(
+            &owner,
+            &repo,
+            index,
+            Change::Labeled,
+            &doer_name.clone(),
+            None,
+        );
     }
     let repo_rec = &inner.repos[&(owner.clone(), repo.clone())];
     let Some(rec) = repo_rec.issues.get(&index) else {
@@ -2068,6 +2101,7 @@ async fn remove_issue_label(
     headers: HeaderMap,
 ) -> Response {
     let mut inner = lock(&shared);
+    let doer_name = doer(inner.git_credentials.as_ref(), &headers);
     let now = inner.now();
     let Some(repo_rec) = inner.repos.get_mut(&(owner.clone(), repo.clone())) else {
         return not_found();
@@ -2082,7 +2116,14 @@ async fn remove_issue_label(
     rec.label_ids.retain(|l| *l != id);
     rec.updated_at = now;
     if rec.label_ids.len() != before {
-        inner.notify(&owner, &repo, index, Change::Labeled, &doer(&headers), None);
+        inner.notify(
+            &owner,
+            &repo,
+            index,
+            Change::Labeled,
+            &doer_name.clone(),
+            None,
+        );
     }
     StatusCode::NO_CONTENT.into_response()
 }
@@ -2178,6 +2219,7 @@ async fn create_pull(
         None => PullRec::without_git(&head, &base),
     };
     let mut inner = lock(&shared);
+    let doer_name = doer(inner.git_credentials.as_ref(), &headers);
     let Some(repo_rec) = inner.repos.get(&(owner.clone(), repo.clone())) else {
         return not_found();
     };
@@ -2194,7 +2236,7 @@ async fn create_pull(
             "pull request already exists for these targets",
         );
     }
-    let sender = doer(&headers);
+    let sender = doer_name.clone();
     let number = inner.create_issue(
         &owner,
         &repo,

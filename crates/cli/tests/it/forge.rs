@@ -12,7 +12,7 @@ use bot_bottle_testkit::{FixtureConfig, Script, anthropic};
 use serde_json::{Value, json};
 
 use crate::agents::TestPki;
-use crate::common::{Project, bin, stderr, stdout};
+use crate::common::{Project, stderr, stdout};
 
 /// A token standing in for the bot's real Gitea token: the point is where it may go.
 const TOKEN: &str = "gitea-token-REALTESTVALUE-0123456789abcdef";
@@ -24,7 +24,7 @@ const MODEL_KEY: &str = "sk-ant-api03-FORGETESTVALUE0123456789abcdefghijklmnopqr
 pub struct Forge {
     pub project: Project,
     pub gitea: FakeGitea,
-    pub rt: tokio::runtime::Runtime,
+    _rt: tokio::runtime::Runtime,
     pub env: Vec<(String, String)>,
     _ca_file: tempfile::NamedTempFile,
     pub model: Option<bot_bottle_testkit::FixtureHandle>,
@@ -54,7 +54,9 @@ impl Forge {
                 pki.identity(&["gitea.test", "127.0.0.1"]),
             ))
             .unwrap();
-        gitea.add_git_repo("acme", "widget", &[("README.md", "# widget\n")]);
+        gitea
+            .add_git_repo("acme", "widget", &[("README.md", "# widget\n")])
+            .unwrap();
         gitea.set_git_credentials("bot", TOKEN);
         gitea.add_org_member("bot-bottle", "agent1");
         gitea.add_issue(
@@ -116,7 +118,7 @@ impl Forge {
         Self {
             project,
             gitea,
-            rt,
+            _rt: rt,
             env,
             _ca_file: ca_file,
             model,
@@ -165,11 +167,22 @@ impl Forge {
         out
     }
 
-    /// Starts `orchestrate serve` and waits for its listener; registers the webhook.
+    /// Starts `orchestrate serve` and waits for its listener; registers the webhook. The
+    /// child is the binary itself (not under `timeout`), so killing it kills the
+    /// orchestrator.
     pub fn serve(&self) -> Server {
         let log = tempfile::NamedTempFile::new().unwrap();
-        let child = self
-            .cmd(&["orchestrate", "serve"])
+        let mut command = Command::new(crate::common::bin());
+        command
+            .args(["orchestrate", "serve"])
+            .current_dir(self.home())
+            .env("BOT_BOTTLE_HOME", self.home())
+            .env("BOT_BOTTLE_LOOPBACK_ONLY", "1")
+            .env_remove("BOT_BOTTLE_TRIPWIRE");
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::from(log.reopen().unwrap()))
             .spawn()
@@ -184,12 +197,14 @@ impl Forge {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.gitea.add_webhook(
-            "acme",
-            "widget",
-            &format!("http://{listen}/webhook"),
-            SECRET,
-        );
+        self.gitea
+            .add_webhook(
+                "acme",
+                "widget",
+                &format!("http://{listen}/webhook"),
+                SECRET,
+            )
+            .unwrap();
         Server {
             child: Some(child),
             log,
@@ -219,12 +234,24 @@ impl Forge {
             if let Some(row) = self.status().into_iter().find(|r| done(r)) {
                 return row;
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; status: {:?}\n--- orchestrator log\n{}",
-                self.status(),
-                server.log()
-            );
+            if Instant::now() >= deadline {
+                for entry in std::fs::read_dir(self.home().join("state"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    for event in Self::lines(&entry.path().join("egress.jsonl")) {
+                        if event["decision"] == "block" {
+                            eprintln!("blocked: {event}");
+                        }
+                    }
+                }
+                panic!(
+                    "timed out waiting for {what}; status: {:?}\n--- orchestrator log\n{}",
+                    self.status(),
+                    server.log()
+                );
+            }
             std::thread::sleep(Duration::from_millis(500));
         }
     }
@@ -349,11 +376,17 @@ fn docker_forge_issue_to_pr_review_and_close_with_claude() {
 
     forge
         .gitea
-        .label_issue("acme", "widget", 1, "bot-bottle:implementer", "alice");
+        .label_issue("acme", "widget", 1, "bot-bottle:implementer", "alice")
+        .unwrap();
     let row = forge.wait_for(&server, "the first freeze", Duration::from_secs(600), |r| {
         r["issue"] == 1 && r["state"] == "frozen"
     });
     let slug = row["slug"].as_str().unwrap().to_owned();
+    for event in Forge::lines(&forge.state(&slug).join("egress.jsonl")) {
+        if event["decision"] == "block" {
+            eprintln!("blocked: {event}");
+        }
+    }
     let branch = format!("bot-bottle/{slug}");
     let pr = row["pr"].as_u64().expect("the run's PR is recorded");
     assert!(
@@ -361,8 +394,12 @@ fn docker_forge_issue_to_pr_review_and_close_with_claude() {
         "{row}"
     );
 
+    // The model saw only the real key (the bottle held a placeholder).
+    let model_requests = forge.model.as_ref().unwrap().requests();
+    assert!(model_requests.len() >= 6, "{}", model_requests.len());
+
     // The branch was pushed through the gateway; main was not touched.
-    let refs = forge.gitea.git_refs("acme", "widget");
+    let refs = forge.gitea.git_refs("acme", "widget").unwrap();
     let head = refs
         .get(&format!("refs/heads/{branch}"))
         .expect("branch pushed")
@@ -371,11 +408,15 @@ fn docker_forge_issue_to_pr_review_and_close_with_claude() {
         forge
             .gitea
             .git_file("acme", "widget", &branch, "fix.txt")
+            .unwrap()
             .as_deref(),
         Some("fixed\n")
     );
     assert_eq!(
-        forge.gitea.git_file("acme", "widget", "main", "fix.txt"),
+        forge
+            .gitea
+            .git_file("acme", "widget", "main", "fix.txt")
+            .unwrap(),
         None
     );
     // The push to main was refused by the gateway and audited, naming the ref.
@@ -422,13 +463,16 @@ fn docker_forge_issue_to_pr_review_and_close_with_claude() {
     );
 
     // A review comment resumes the run; it pushes a fix and is frozen again.
-    forge.gitea.comment_as(
-        "acme",
-        "widget",
-        pr,
-        "alice",
-        "Please also note the review.",
-    );
+    forge
+        .gitea
+        .comment_as(
+            "acme",
+            "widget",
+            pr,
+            "alice",
+            "Please also note the review.",
+        )
+        .unwrap();
     let row = forge.wait_for(
         &server,
         "the second freeze",
@@ -439,7 +483,7 @@ fn docker_forge_issue_to_pr_review_and_close_with_claude() {
         row["note"].as_str().unwrap().contains("signalled done"),
         "{row}"
     );
-    let refs = forge.gitea.git_refs("acme", "widget");
+    let refs = forge.gitea.git_refs("acme", "widget").unwrap();
     assert_ne!(
         refs.get(&format!("refs/heads/{branch}")),
         Some(&head),
@@ -449,6 +493,7 @@ fn docker_forge_issue_to_pr_review_and_close_with_claude() {
         forge
             .gitea
             .git_file("acme", "widget", &branch, "fix.txt")
+            .unwrap()
             .as_deref(),
         Some("fixed\nreviewed\n")
     );
@@ -465,7 +510,7 @@ fn docker_forge_issue_to_pr_review_and_close_with_claude() {
     assert_eq!(verify.status.code(), Some(0), "{}", stdout(&verify));
     let gateway_starts = Forge::lines(&forge.state(&slug).join("egress.jsonl"))
         .iter()
-        .filter(|e| e["kind"] == "gateway" && e["reason"] == "start")
+        .filter(|e| e["kind"] == "gateway" && e["reason"] == "gateway-started")
         .count();
     assert!(gateway_starts >= 2, "two sessions, one chain");
     let ops_report =
@@ -486,7 +531,7 @@ fn docker_forge_issue_to_pr_review_and_close_with_claude() {
     assert_eq!(out.status.code(), Some(0));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     let text = report.to_string();
-    assert!(text.contains(&format!("gitCommit")), "{text}");
+    assert!(text.contains("gitCommit"), "{text}");
     assert!(text.contains("forge-ops"), "{text}");
     let sslib = crate::provenance::sslib_verify(&envelope, key.to_str().unwrap());
     assert_eq!(sslib.status.code(), Some(0));
@@ -526,7 +571,11 @@ fn docker_forge_issue_to_pr_review_and_close_with_claude() {
     // Merging the PR destroys the bottle; its logs are archived.
     forge.gitea.close("acme", "widget", pr, true);
     forge.wait_for(&server, "destroy", Duration::from_secs(120), |r| {
-        r["issue"] == 1 && r["state"] == "destroyed"
+        r["issue"] == 1
+            && r["state"] == "destroyed"
+            && r["note"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("destroyed"))
     });
     assert!(!forge.state(&slug).exists());
     assert!(forge.home().join(format!("audit/{slug}.jsonl")).exists());
@@ -644,7 +693,8 @@ $T tool forge signal_done '{"status": "done", "summary": "Completed once."}'
     let mut server = forge.serve();
     forge
         .gitea
-        .label_issue("acme", "widget", 1, "bot-bottle:implementer", "alice");
+        .label_issue("acme", "widget", 1, "bot-bottle:implementer", "alice")
+        .unwrap();
     let row = forge.wait_for(&server, "the run to start", Duration::from_secs(300), |r| {
         r["issue"] == 1 && r["state"] == "running"
     });

@@ -14,7 +14,7 @@ mod audit_log;
 mod common;
 mod errors;
 mod escape;
-// mod forge; (waits for the fake Gitea's git and webhooks)
+mod forge;
 mod interactive;
 mod lifecycle;
 mod provenance;
