@@ -52,25 +52,59 @@ struct Args {
     /// Keep a JSON array of the received requests here (API keys redacted).
     #[arg(long)]
     record: Option<PathBuf>,
+    /// Play this script instead of `--shell`/`--write-file`/`--final-text`: a JSON array
+    /// of turns, each `{"shell": CMD}`, `{"write": {"path": P, "content": C}}`,
+    /// `{"tool": {"name": N, "input": {…}}}` or `{"text": T}`.
+    #[arg(long, conflicts_with_all = ["shell"])]
+    script: Option<PathBuf>,
+}
+
+/// Reads a `--script` file.
+fn read_script(path: &std::path::Path) -> anyhow::Result<Vec<Turn>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading `{}`", path.display()))?;
+    let items: Vec<serde_json::Value> = serde_json::from_str(&text)
+        .with_context(|| format!("`{}` is not a JSON array of turns", path.display()))?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let field = |name: &str| item.get(name);
+            let text = |value: Option<&serde_json::Value>| {
+                value.and_then(serde_json::Value::as_str).map(str::to_owned)
+            };
+            if let Some(command) = text(field("shell")) {
+                Ok(Turn::Shell { command })
+            } else if let Some(answer) = text(field("text")) {
+                Ok(Turn::Text(answer))
+            } else if let Some(write) = field("write") {
+                Ok(Turn::WriteFile {
+                    path: text(write.get("path")).unwrap_or_default(),
+                    content: text(write.get("content")).unwrap_or_default(),
+                })
+            } else if let Some(tool) = field("tool") {
+                Ok(Turn::Tool {
+                    name: text(tool.get("name")).unwrap_or_default(),
+                    input: tool.get("input").cloned().unwrap_or_else(|| json!({})),
+                })
+            } else {
+                anyhow::bail!(
+                    "turn {i} of `{}` is none of shell, write, tool, text",
+                    path.display()
+                )
+            }
+        })
+        .collect()
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
-    let mut turns: Vec<Turn> = args
-        .shell
-        .iter()
-        .map(|command| Turn::Shell {
-            command: command.clone(),
-        })
-        .collect();
-    turns.push(Turn::WriteFile {
-        path: args.write_file.clone(),
-        content: args.content.clone(),
-    });
-    turns.push(Turn::Text(args.final_text.clone()));
-    let script = Script::new(turns);
+    let script = match &args.script {
+        Some(path) => Script::new(read_script(path)?),
+        None => default_script(&args),
+    };
     let mut config = FixtureConfig::new(script).with_listen(args.listen);
     config.expected_key = args.expect_key.clone();
     config.workspace = args.workspace.clone();
@@ -103,6 +137,23 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     write_record(&args, &handle)
+}
+
+/// The smoke conversation the flags describe: shell commands, a file, a final answer.
+fn default_script(args: &Args) -> Script {
+    let mut turns: Vec<Turn> = args
+        .shell
+        .iter()
+        .map(|command| Turn::Shell {
+            command: command.clone(),
+        })
+        .collect();
+    turns.push(Turn::WriteFile {
+        path: args.write_file.clone(),
+        content: args.content.clone(),
+    });
+    turns.push(Turn::Text(args.final_text.clone()));
+    Script::new(turns)
 }
 
 fn write_record(args: &Args, handle: &FixtureHandle) -> anyhow::Result<()> {
