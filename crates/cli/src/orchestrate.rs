@@ -150,6 +150,7 @@ pub async fn orchestrate(action: OrchestrateAction) -> Result<i32, Failure> {
             }
             let org = config.org.clone();
             let orchestrator = orchestrator(config, home, false)?;
+            orchestrator.check_bot_user().await.map_err(failure)?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .map_err(|source| {
@@ -190,6 +191,7 @@ pub async fn orchestrate(action: OrchestrateAction) -> Result<i32, Failure> {
             };
             let (config, home) = load(&config, false)?;
             let orchestrator = orchestrator(config, home, json)?;
+            orchestrator.check_bot_user().await.map_err(failure)?;
             let prompt = match prompt {
                 Some(prompt) => prompt,
                 None => {

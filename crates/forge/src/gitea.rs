@@ -59,6 +59,7 @@ pub enum Route {
     RepoLabelsList,
     RepoLabelCreate,
     OrgIsMember,
+    CurrentUser,
 }
 
 impl Route {
@@ -76,6 +77,7 @@ impl Route {
         Route::RepoLabelsList,
         Route::RepoLabelCreate,
         Route::OrgIsMember,
+        Route::CurrentUser,
     ];
 
     #[must_use]
@@ -105,6 +107,7 @@ impl Route {
             Self::PullsList | Self::PullCreate => "/repos/{owner}/{repo}/pulls",
             Self::RepoLabelsList | Self::RepoLabelCreate => "/repos/{owner}/{repo}/labels",
             Self::OrgIsMember => "/orgs/{org}/members/{username}",
+            Self::CurrentUser => "/user",
         }
     }
 
@@ -513,6 +516,11 @@ impl GiteaClient {
             path,
             detail: e.to_string(),
         })
+    }
+
+    /// The user the token belongs to.
+    pub async fn current_user(&self) -> Result<ApiUser, GiteaError> {
+        self.call(Route::CurrentUser, &[], &[], None, &[200]).await
     }
 
     pub async fn get_issue(&self, number: u64) -> Result<ApiIssue, GiteaError> {

@@ -208,6 +208,36 @@ impl Orchestrator {
         })
     }
 
+    /// Checks that the token belongs to `FORGE_BOT_USER`. The orchestrator tells its own
+    /// comments from humans' by that login; with another one, every comment it posts
+    /// would resume the run that caused it, in a loop.
+    ///
+    /// # Errors
+    /// The forge is unreachable, or the token is someone else's.
+    pub async fn check_bot_user(&self) -> Result<(), OrchestratorError> {
+        let mut config = GiteaConfig::new(
+            self.inner.config.api_url.clone(),
+            "-",
+            "-",
+            self.inner.token.clone(),
+        );
+        config.extra_roots_pem.clone_from(&self.inner.extra_roots);
+        let client = GiteaClient::new(config).map_err(bot_bottle_forge::ForgeError::from)?;
+        let user = client
+            .current_user()
+            .await
+            .map_err(bot_bottle_forge::ForgeError::from)?;
+        let expected = &self.inner.config.bot_user;
+        if user.login.eq_ignore_ascii_case(expected) {
+            Ok(())
+        } else {
+            Err(OrchestratorError::Refused(format!(
+                "the forge token belongs to `{}`, not to FORGE_BOT_USER `{expected}`\nhint: set FORGE_BOT_USER={} (the orchestrator tells its own comments apart by this login; a wrong one would make it answer itself), or use the bot's token",
+                user.login, user.login
+            )))
+        }
+    }
+
     #[must_use]
     pub fn config(&self) -> &Config {
         &self.inner.config

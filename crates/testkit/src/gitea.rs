@@ -77,6 +77,7 @@ const PULL: &str = "/repos/{owner}/{repo}/pulls/{index}";
 const PULLS: &str = "/repos/{owner}/{repo}/pulls";
 const REPO_LABELS: &str = "/repos/{owner}/{repo}/labels";
 const ORG_MEMBER: &str = "/orgs/{org}/members/{username}";
+const CURRENT_USER: &str = "/user";
 
 /// Every route served and the statuses each may answer.
 pub const ROUTES: &[FakeRoute] = &[
@@ -145,6 +146,11 @@ pub const ROUTES: &[FakeRoute] = &[
         method: "GET",
         path: ORG_MEMBER,
         statuses: &[204, 303, 404],
+    },
+    FakeRoute {
+        method: "GET",
+        path: CURRENT_USER,
+        statuses: &[200],
     },
 ];
 
@@ -1397,6 +1403,7 @@ fn router(shared: Shared) -> Router {
             ("GET", REPO_LABELS) => methods.get(list_repo_labels),
             ("POST", REPO_LABELS) => methods.post(create_repo_label),
             ("GET", ORG_MEMBER) => methods.get(org_is_member),
+            ("GET", CURRENT_USER) => methods.get(current_user),
             _ => methods,
         };
         by_path.insert(route.path, methods);
@@ -2326,6 +2333,13 @@ async fn create_repo_label(
     };
     inner.repo_mut(&owner, &repo).labels.push(label.clone());
     json_status(StatusCode::CREATED, label_json(&owner, &repo, &label))
+}
+
+/// `GET /user`: the token's owner.
+async fn current_user(State(shared): State<Shared>, headers: axum::http::HeaderMap) -> Response {
+    let inner = lock(&shared);
+    let login = doer(inner.git_credentials.as_ref(), &headers);
+    (StatusCode::OK, axum::Json(user_json(&login))).into_response()
 }
 
 async fn org_is_member(

@@ -371,3 +371,48 @@ async fn the_bots_own_events_and_other_repositories_are_ignored() {
     assert!(text.contains("has no run"), "{text}");
     assert!(store(&setup).all().expect("all").is_empty());
 }
+
+#[tokio::test]
+async fn a_token_of_another_user_than_forge_bot_user_is_refused() {
+    let setup = setup().await;
+    setup.gitea.set_git_credentials("bot", "test-token");
+    let make = |bot: &str| {
+        let api = setup.gitea.api_url();
+        let bot = bot.to_owned();
+        let lookup = move |key: &str| -> Option<String> {
+            match key {
+                "FORGE_GITEA_API" => Some(api.clone()),
+                "FORGE_GIT_URL" => Some("https://gitea.test".to_owned()),
+                "FORGE_BOT_USER" => Some(bot.clone()),
+                "FORGE_TOKEN_COMMAND" => Some("echo test-token".to_owned()),
+                _ => None,
+            }
+        };
+        let config = Config::load(None, &lookup, false).expect("config");
+        Orchestrator::new(
+            config,
+            Launcher {
+                home: Home::new(setup.home.path()),
+                shim_binary: "/nonexistent/bot-bottle".into(),
+                gateway: GatewaySettings::default(),
+                trust_project_manifests: false,
+                quiet: true,
+            },
+        )
+        .expect("orchestrator")
+    };
+    make("bot")
+        .check_bot_user()
+        .await
+        .expect("the token is bot's");
+    make("BOT")
+        .check_bot_user()
+        .await
+        .expect("logins compare without case");
+    let err = make("someone-else")
+        .check_bot_user()
+        .await
+        .expect_err("a wrong bot user would answer itself");
+    assert!(err.to_string().contains("belongs to `bot`"), "{err}");
+    assert!(err.to_string().contains("hint:"), "{err}");
+}
