@@ -635,11 +635,7 @@ impl Orchestrator {
     /// No such run, or it is destroyed.
     pub fn resume_slug(&self, slug: &str, prompt: String) -> Result<String, OrchestratorError> {
         let record = self.record_by_slug(slug)?;
-        let trigger = Trigger {
-            kind: "resume".to_owned(),
-            delivery_id: None,
-            comment_id: None,
-        };
+        let trigger = trigger("resume");
         if record.status == ForgeStatus::Destroyed {
             return Err(OrchestratorError::Refused(format!(
                 "run `{slug}` is destroyed\nhint: `bot-bottle orchestrate status` lists runs"
@@ -660,6 +656,28 @@ impl Orchestrator {
             })
     }
 
+    /// Finishes, on a task, a run whose session ended while no orchestrator watched it.
+    fn spawn_finish(&self, record: ForgeState, why: &'static str) {
+        let this = self.clone();
+        let handle = tokio::spawn(async move {
+            let outcome = Err(OrchestratorError::Refused(why.to_owned()));
+            if let Err(err) = this.finish(&record, outcome, false).await {
+                tracing::error!(slug = %record.slug, error = %err, "finishing after a restart failed");
+            }
+        });
+        self.track(handle);
+    }
+
+    fn track(&self, handle: tokio::task::JoinHandle<()>) {
+        let mut tasks = self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(handle);
+    }
+
     fn spawn(&self, record: ForgeState, job: Job) {
         let this = self.clone();
         let handle = tokio::spawn(async move {
@@ -669,13 +687,7 @@ impl Orchestrator {
                 eprintln!("bot-bottle: orchestrated run {slug}: {err}");
             }
         });
-        let mut tasks = self
-            .inner
-            .tasks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        tasks.retain(|t| !t.is_finished());
-        tasks.push(handle);
+        self.track(handle);
     }
 
     /// Waits until no session runs or waits to run.
@@ -915,15 +927,7 @@ impl Orchestrator {
                 &mut |s| s.pending_prompt = None,
             )?;
             if let Some(updated) = updated {
-                self.resume_or_queue(
-                    &updated,
-                    prompt,
-                    Trigger {
-                        kind: "comment".to_owned(),
-                        delivery_id: None,
-                        comment_id: None,
-                    },
-                )?;
+                self.resume_or_queue(&updated, prompt, trigger("comment"))?;
             }
         }
         Ok(())
@@ -1093,11 +1097,7 @@ impl Orchestrator {
                                     &issue.title,
                                     &issue.body,
                                 ),
-                                trigger: Trigger {
-                                    kind: "issue".to_owned(),
-                                    delivery_id: None,
-                                    comment_id: None,
-                                },
+                                trigger: trigger("issue"),
                             },
                         );
                         continue;
@@ -1109,21 +1109,10 @@ impl Orchestrator {
                             "{}: finishing (it had signalled done)",
                             record.slug
                         ));
-                        let this = self.clone();
-                        let record = record.clone();
-                        let handle = tokio::spawn(async move {
-                            let outcome = Err(OrchestratorError::Refused(
-                                "the orchestrator restarted during the session".to_owned(),
-                            ));
-                            if let Err(err) = this.finish(&record, outcome, false).await {
-                                tracing::error!(error = %err, "finishing after restart failed");
-                            }
-                        });
-                        self.inner
-                            .tasks
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push(handle);
+                        self.spawn_finish(
+                            record.clone(),
+                            "the orchestrator restarted during the session",
+                        );
                     } else {
                         actions.push(format!(
                             "{}: resuming (the orchestrator restarted)",
@@ -1133,33 +1122,30 @@ impl Orchestrator {
                             record.clone(),
                             Job::Resume {
                                 prompt: router::RESTART_PROMPT.to_owned(),
-                                trigger: Trigger {
-                                    kind: "restart".to_owned(),
-                                    delivery_id: None,
-                                    comment_id: None,
-                                },
+                                trigger: trigger("restart"),
                             },
                         );
                     }
                 }
                 ForgeStatus::Frozen => {
-                    if !events.is_empty() {
-                        actions.push(format!("{}: handling its queued events", record.slug));
-                        let this = self.clone();
-                        let record = record.clone();
-                        let handle = tokio::spawn(async move {
-                            let outcome = Err(OrchestratorError::Refused(
-                                "handled after a restart".to_owned(),
-                            ));
-                            if let Err(err) = this.finish(&record, outcome, false).await {
-                                tracing::error!(error = %err, "finishing after restart failed");
+                    if signalled {
+                        actions.push(format!("{}: handling its signal_done", record.slug));
+                        self.spawn_finish(record.clone(), "handled after a restart");
+                    } else if !events.is_empty() {
+                        // Only pull requests to record: the run was already reported.
+                        for (path, event) in &events {
+                            if let QueueEvent::PrCreated { number } = event.event {
+                                self.store().update(
+                                    &record.owner,
+                                    &record.repo,
+                                    record.issue_number,
+                                    &mut |s| {
+                                        s.pr_number.get_or_insert(number);
+                                    },
+                                )?;
                             }
-                        });
-                        self.inner
-                            .tasks
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push(handle);
+                            let _ = queue::ack(path);
+                        }
                     } else if let Some(prompt) = record.pending_prompt.clone() {
                         actions.push(format!("{}: resuming with a waiting comment", record.slug));
                         self.store().update(
@@ -1168,15 +1154,7 @@ impl Orchestrator {
                             record.issue_number,
                             &mut |s| s.pending_prompt = None,
                         )?;
-                        self.resume_or_queue(
-                            &record,
-                            prompt,
-                            Trigger {
-                                kind: "comment".to_owned(),
-                                delivery_id: None,
-                                comment_id: None,
-                            },
-                        )?;
+                        self.resume_or_queue(&record, prompt, trigger("comment"))?;
                     }
                 }
             }
@@ -1224,6 +1202,15 @@ fn current_pr(
         .store()
         .get(&record.owner, &record.repo, record.issue_number)?
         .and_then(|r| r.pr_number))
+}
+
+/// A trigger with only its kind.
+fn trigger(kind: &str) -> Trigger {
+    Trigger {
+        kind: kind.to_owned(),
+        delivery_id: None,
+        comment_id: None,
+    }
 }
 
 fn status_word(status: DoneStatus) -> &'static str {

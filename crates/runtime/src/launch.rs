@@ -825,6 +825,36 @@ pub async fn launch(
     })
 }
 
+/// Moves a hash-chained log and its recorded head to `archive`, when there is one.
+fn archive_log(
+    log: &Path,
+    archive: &Path,
+    what: &str,
+    progress: &Progress,
+) -> Result<(), RuntimeError> {
+    if !log.exists() {
+        return Ok(());
+    }
+    if let Some(dir) = archive.parent() {
+        bot_bottle_core::state::create_private_dir(dir)?;
+    }
+    // Same filesystem (both under the home): renames, atomic; the head goes with it.
+    let head = bot_bottle_egress::audit::head_path(log);
+    if head.exists() {
+        let archived_head = bot_bottle_egress::audit::head_path(archive);
+        fs_err::rename(&head, &archived_head).map_err(|source| RuntimeError::Io {
+            path: head.clone(),
+            source,
+        })?;
+    }
+    fs_err::rename(log, archive).map_err(|source| RuntimeError::Io {
+        path: log.to_owned(),
+        source,
+    })?;
+    progress.step(&format!("{what} kept at {}", archive.display()));
+    Ok(())
+}
+
 /// Where `destroy` keeps a bottle's latest provenance: beside its archived audit log,
 /// `audit/<slug>.provenance.json`.
 #[must_use]
@@ -1481,49 +1511,14 @@ pub async fn destroy(home: &Home, slug: &str, progress: &Progress) -> Result<(),
     if bottle.exists() {
         progress.step(&format!("removing state of {slug}"));
     }
-    let log = bottle.egress_log();
-    if log.exists() {
-        let archive = home.archived_audit(slug)?;
-        if let Some(dir) = archive.parent() {
-            bot_bottle_core::state::create_private_dir(dir)?;
-        }
-        // Same filesystem (both under the home): renames, atomic; the head goes with it.
-        let head = bot_bottle_egress::audit::head_path(&log);
-        if head.exists() {
-            let archived_head = bot_bottle_egress::audit::head_path(&archive);
-            fs_err::rename(&head, &archived_head).map_err(|source| RuntimeError::Io {
-                path: head.clone(),
-                source,
-            })?;
-        }
-        fs_err::rename(&log, &archive).map_err(|source| RuntimeError::Io {
-            path: log.clone(),
-            source,
-        })?;
-        progress.step(&format!("audit log kept at {}", archive.display()));
-    }
-    let ops = crate::forge::forge_ops_log(&bottle);
-    if ops.exists() {
-        let archive = home
-            .archived_audit(slug)?
-            .with_extension(bot_bottle_sidecars::FORGE_OPS_LOG);
-        if let Some(dir) = archive.parent() {
-            bot_bottle_core::state::create_private_dir(dir)?;
-        }
-        let head = bot_bottle_egress::audit::head_path(&ops);
-        if head.exists() {
-            let archived_head = bot_bottle_egress::audit::head_path(&archive);
-            fs_err::rename(&head, &archived_head).map_err(|source| RuntimeError::Io {
-                path: head.clone(),
-                source,
-            })?;
-        }
-        fs_err::rename(&ops, &archive).map_err(|source| RuntimeError::Io {
-            path: ops.clone(),
-            source,
-        })?;
-        progress.step(&format!("forge op log kept at {}", archive.display()));
-    }
+    let archived = home.archived_audit(slug)?;
+    archive_log(&bottle.egress_log(), &archived, "audit log", progress)?;
+    archive_log(
+        &crate::forge::forge_ops_log(&bottle),
+        &archived.with_extension(bot_bottle_sidecars::FORGE_OPS_LOG),
+        "forge op log",
+        progress,
+    )?;
     let latest = bottle.path().join(crate::provenance::LATEST_FILE);
     if latest.exists() {
         let archive = archived_provenance(&home.archived_audit(slug)?);

@@ -309,21 +309,7 @@ impl Drop for Server {
 }
 
 const CLAUDE_AGENT: &str = "---\nprovider: claude\nbottles: work\n---\nYou fix issues.\n";
-const CLAUDE_BOTTLE: &str = r#"---
-egress:
-  audit: all
-  rules:
-    - host: api.anthropic.com
-      methods: [POST]
-      paths: ["/v1/messages*"]
-credentials:
-  - name: anthropic
-    source: {env: BB_TEST_ANTHROPIC_KEY}
-    hosts: [api.anthropic.com]
-    inject: {header: x-api-key}
-    env: ANTHROPIC_API_KEY
----
-"#;
+use crate::agents::CUSTODY_BOTTLE as CLAUDE_BOTTLE;
 
 fn tool(name: &str, input: Value) -> Turn {
     Turn::Tool {
@@ -732,4 +718,61 @@ $T tool forge signal_done '{"status": "done", "summary": "Completed once."}'
     assert_eq!(summaries, 1, "the run completed {summaries} times");
     assert_eq!(forge.gitea.pull_numbers("acme", "widget").len(), 1);
     drop(server);
+}
+
+/// Settings are checked before anything starts, each refusal with a hint; secrets are
+/// never accepted in the settings file.
+#[test]
+fn orchestrate_refuses_missing_or_unsafe_settings_with_a_hint() {
+    let project = Project::new();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = project.cmd(args);
+        for key in bot_bottle_orchestrator::config::KEYS {
+            cmd.env_remove(key);
+        }
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.code(), stderr(&out))
+    };
+    let (code, err) = run(&["orchestrate", "serve"], &[]);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("FORGE_GITEA_API") && err.contains("hint:"),
+        "{err}"
+    );
+    let (code, err) = run(
+        &["orchestrate", "status"],
+        &[
+            ("FORGE_GITEA_API", "https://gitea.example/api/v1"),
+            ("FORGE_BOT_USER", "bot"),
+            ("FORGE_TOKEN", "t"),
+            ("FORGE_WATCHDOG_TIMEOUT", "soon"),
+        ],
+    );
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("FORGE_WATCHDOG_TIMEOUT") && err.contains("hint:"),
+        "{err}"
+    );
+    let file = project.home.path().join("orchestrator.toml");
+    std::fs::write(&file, "FORGE_WEBHOOK_SECRET = \"plain\"\n").unwrap();
+    let (code, err) = run(&["orchestrate", "status"], &[]);
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("may not be written"), "{err}");
+    assert!(!err.contains("plain"), "the secret was echoed: {err}");
+}
+
+/// `bot-bottle tool forge` outside a forge bottle says where it works.
+#[test]
+fn tool_forge_outside_a_bottle_is_a_usage_error() {
+    let project = Project::new();
+    let out = project
+        .cmd(&["tool", "forge", "read_issue", "{\"number\": 1}"])
+        .env_remove("BOT_BOTTLE_FORGE_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("hint:"), "{}", stderr(&out));
 }
