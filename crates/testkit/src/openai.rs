@@ -95,14 +95,23 @@ fn responses(shared: &Shared, body: &Value) -> http::Response<Body> {
             &script::unoffered_tool(name, &tools),
         ),
         _ => match script::openai_tool_call(&turn, &tools) {
-            Ok(call) => json!({
-                "type": "function_call",
-                "id": shared.next_id("fc"),
-                "call_id": shared.next_id("call"),
-                "name": call.name,
-                "arguments": call.input.to_string(),
-                "status": "completed",
-            }),
+            Ok(call) => {
+                let mut item = json!({
+                    "type": "function_call",
+                    "id": shared.next_id("fc"),
+                    "call_id": shared.next_id("call"),
+                    "name": call.name,
+                    "arguments": call.input.to_string(),
+                    "status": "completed",
+                });
+                // A tool inside a namespace is called by its own name, with the namespace
+                // beside it.
+                if let Some((namespace, name)) = script::namespaced(body, &call.name) {
+                    item["name"] = json!(name);
+                    item["namespace"] = json!(namespace);
+                }
+                item
+            }
             Err(message) => {
                 return error(
                     StatusCode::BAD_REQUEST,

@@ -149,15 +149,43 @@ pub(crate) fn tool_names(body: &Value) -> Vec<String> {
     let Some(tools) = body.get("tools").and_then(Value::as_array) else {
         return Vec::new();
     };
-    tools
-        .iter()
-        .filter_map(|tool| {
-            tool.get("name")
-                .or_else(|| tool.get("function").and_then(|f| f.get("name")))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
-        .collect()
+    let name = |tool: &Value| {
+        tool.get("name")
+            .or_else(|| tool.get("function").and_then(|f| f.get("name")))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let mut names = Vec::new();
+    for tool in tools {
+        let Some(outer) = name(tool) else { continue };
+        // A Responses API namespace (codex groups each MCP server's tools in one, e.g.
+        // `mcp__forge`): its tools are offered as `<namespace>__<tool>`.
+        if let Some(inner) = tool.get("tools").and_then(Value::as_array) {
+            names.extend(
+                inner
+                    .iter()
+                    .filter_map(name)
+                    .map(|t| format!("{outer}__{t}")),
+            );
+        }
+        names.push(outer);
+    }
+    names
+}
+
+/// The namespace and tool a `<namespace>__<tool>` name stands for, when the request
+/// offers that namespace with that tool.
+pub(crate) fn namespaced(body: &Value, qualified: &str) -> Option<(String, String)> {
+    let tools = body.get("tools").and_then(Value::as_array)?;
+    tools.iter().find_map(|tool| {
+        let namespace = tool.get("name").and_then(Value::as_str)?;
+        let rest = qualified.strip_prefix(namespace)?.strip_prefix("__")?;
+        let inner = tool.get("tools").and_then(Value::as_array)?;
+        inner
+            .iter()
+            .any(|t| t.get("name").and_then(Value::as_str) == Some(rest))
+            .then(|| (namespace.to_owned(), rest.to_owned()))
+    })
 }
 
 /// Finds the client's working directory in the text it sent.
@@ -471,5 +499,27 @@ mod tests {
         ]});
         assert_eq!(tool_names(&body), vec!["Write", "exec_command", "legacy"]);
         assert_eq!(tool_names(&json!({})), Vec::<String>::new());
+    }
+
+    #[test]
+    fn namespaced_tools_are_offered_by_their_qualified_name() {
+        let body = json!({"tools": [
+            {"type": "function", "name": "exec_command"},
+            {"type": "namespace", "name": "mcp__forge", "tools": [
+                {"type": "function", "name": "read_issue"},
+                {"type": "function", "name": "signal_done"}
+            ]}
+        ]});
+        let names = tool_names(&body);
+        assert!(
+            names.contains(&"mcp__forge__read_issue".to_owned()),
+            "{names:?}"
+        );
+        assert_eq!(
+            namespaced(&body, "mcp__forge__signal_done"),
+            Some(("mcp__forge".to_owned(), "signal_done".to_owned()))
+        );
+        assert_eq!(namespaced(&body, "exec_command"), None);
+        assert_eq!(namespaced(&body, "mcp__forge__nope"), None);
     }
 }

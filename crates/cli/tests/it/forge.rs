@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use bot_bottle_testkit::gitea::{FakeGitea, NewIssue};
 use bot_bottle_testkit::script::Turn;
-use bot_bottle_testkit::{FixtureConfig, Script, anthropic};
+use bot_bottle_testkit::{FixtureConfig, Script, anthropic, openai};
 use serde_json::{Value, json};
 
-use crate::agents::TestPki;
+use crate::agents::{Api, TestPki};
 use crate::common::{Project, stderr, stdout};
 
 /// A token standing in for the bot's real Gitea token: the point is where it may go.
@@ -43,6 +43,11 @@ impl Forge {
     /// `work`; `script`, when given, drives a scripted Messages API posing as
     /// api.anthropic.com.
     pub fn new(agent: &str, bottle: &str, script: Option<Script>) -> Self {
+        Self::with_model(agent, bottle, script.map(|script| (Api::Anthropic, script)))
+    }
+
+    /// [`Forge::new`] with the model API chosen.
+    pub fn with_model(agent: &str, bottle: &str, model: Option<(Api, Script)>) -> Self {
         let project = Project::new();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -88,15 +93,20 @@ impl Forge {
         std::fs::write(home.join("agents/implementer.md"), agent).unwrap();
         std::fs::write(home.join("bottles/work.md"), bottle).unwrap();
         let mut overrides = vec![format!("gitea.test={}", gitea.addr())];
-        let model = script.map(|script| {
-            let fixture = rt
-                .block_on(anthropic::start(
-                    FixtureConfig::new(script)
-                        .with_expected_key(MODEL_KEY)
-                        .with_tls(pki.identity(&["api.anthropic.com"])),
-                ))
-                .unwrap();
-            overrides.push(format!("api.anthropic.com={}", fixture.addr()));
+        let model = model.map(|(api, script)| {
+            let host = match api {
+                Api::Anthropic => "api.anthropic.com",
+                Api::OpenAi => "api.openai.com",
+            };
+            let config = FixtureConfig::new(script)
+                .with_expected_key(MODEL_KEY)
+                .with_tls(pki.identity(&[host]));
+            let fixture = match api {
+                Api::Anthropic => rt.block_on(anthropic::start(config)),
+                Api::OpenAi => rt.block_on(openai::start(config)),
+            }
+            .unwrap();
+            overrides.push(format!("{host}={}", fixture.addr()));
             fixture
         });
         let ca = ca_file.path().display().to_string();
@@ -114,6 +124,7 @@ impl Forge {
             ("BOT_BOTTLE_UPSTREAM_OVERRIDES".into(), overrides.join(",")),
             ("BOT_BOTTLE_UPSTREAM_CA".into(), ca),
             ("BB_TEST_ANTHROPIC_KEY".into(), MODEL_KEY.into()),
+            ("BB_TEST_OPENAI_KEY".into(), MODEL_KEY.into()),
         ];
         Self {
             project,
@@ -775,4 +786,50 @@ fn tool_forge_outside_a_bottle_is_a_usage_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("hint:"), "{}", stderr(&out));
+}
+
+/// codex registers the sidecar from its `config.toml` (`[mcp_servers.forge]`) and calls
+/// its tools: a `signal_done` through codex's own MCP client freezes the run.
+#[test]
+fn docker_forge_codex_calls_the_sidecar_through_its_mcp_config() {
+    let script = Script::new(vec![
+        Turn::Tool {
+            name: "mcp__forge__read_issue".into(),
+            input: json!({"number": 1}),
+        },
+        Turn::Tool {
+            name: "mcp__forge__signal_done".into(),
+            input: json!({"status": "blocked", "summary": "Codex needs a decision."}),
+        },
+        Turn::Text("waiting".into()),
+    ]);
+    let agent = "---\nprovider: codex\nmodel: fixture-model\nbottles: work\n---\nYou fix issues.\n";
+    let bottle = "---\negress:\n  audit: all\n  rules:\n    - host: api.openai.com\n      methods: [POST]\n      paths: [\"/v1/responses\"]\ncredentials:\n  - name: openai\n    source: {env: BB_TEST_OPENAI_KEY}\n    hosts: [api.openai.com]\n    inject: bearer\n    env: OPENAI_API_KEY\n---\n";
+    let forge = Forge::with_model(agent, bottle, Some((Api::OpenAi, script)));
+    let out = forge.run(&[
+        "orchestrate",
+        "start",
+        "--repo",
+        "acme/widget",
+        "--issue",
+        "1",
+        "--agent",
+        "implementer",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let row: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(row["note"], "signalled blocked", "{row}");
+    let comments = forge.gitea.comment_bodies("acme", "widget", 1);
+    assert!(
+        comments
+            .iter()
+            .any(|c| c.contains("Codex needs a decision.")),
+        "{comments:?}"
+    );
+    let slug = row["slug"].as_str().unwrap();
+    let ops = Forge::lines(&forge.state(slug).join("forge-ops.jsonl"));
+    assert_eq!(ops[0]["reason"], "read_issue", "{ops:?}");
+    let destroyed = forge.run(&["destroy", slug]);
+    assert_eq!(destroyed.status.code(), Some(0));
 }
