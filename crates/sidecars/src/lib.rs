@@ -11,6 +11,7 @@
 //! - [`client`]: a small MCP client over loopback TCP, for the in-bottle
 //!   `bot-bottle tool forge TOOL [JSON]` and for tests.
 
+pub mod approvals;
 pub mod client;
 pub mod forge;
 pub mod queue;
