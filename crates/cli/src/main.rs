@@ -24,7 +24,8 @@ $BOT_BOTTLE_HOME (default ~/.bot-bottle): agents/<name>.md and bottles/<name>.md
 
 Exit codes: the agent's own exit code passes through. bot-bottle's own failures:
   2 usage, 66 unknown slug or state, 69 container backend, 73 image build,
-  75 preflight declined, 76 egress gateway failed (bottle stopped), 78 configuration,
+  75 preflight declined, 76 egress gateway failed (bottle stopped), 77 an alert froze
+  the bottle (on_alert: freeze), 78 configuration,
   143 interrupted by a signal (bottle stopped, state and audit log kept).";
 
 /// Run untrusted AI coding agents in sealed, egress-audited containers.

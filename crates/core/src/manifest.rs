@@ -161,6 +161,21 @@ pub struct BottleFrontMatter {
     pub resources: Resources,
     #[serde(default)]
     pub description: Option<String>,
+    /// What happens when the gateway raises an alert (a DLP block, an exfiltration
+    /// attempt, a denied approval).
+    #[serde(default)]
+    pub on_alert: Option<OnAlert>,
+}
+
+/// What a bottle does on an alert.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnAlert {
+    /// Block the request and go on (the default).
+    #[default]
+    Continue,
+    /// Stop the agent and freeze the bottle for forensics.
+    Freeze,
 }
 
 /// A parsed bottle manifest.
@@ -548,6 +563,8 @@ pub struct ComposedBottle {
     pub mounts: Vec<MountSpec>,
     pub resources: Resources,
     pub notes: Vec<String>,
+    /// The last bottle's `on_alert` wins.
+    pub on_alert: OnAlert,
 }
 
 #[must_use]
@@ -581,6 +598,9 @@ pub fn compose(bottles: &[&BottleManifest]) -> ComposedBottle {
         }
         if !bottle.notes.is_empty() {
             out.notes.push(bottle.notes.clone());
+        }
+        if let Some(on_alert) = front.on_alert {
+            out.on_alert = on_alert;
         }
     }
     out

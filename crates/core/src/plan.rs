@@ -144,6 +144,13 @@ pub struct BottlePlan {
     /// The forge run this session belongs to (see [`BottlePlan::attach_forge`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forge: Option<crate::forge::ForgePlan>,
+    /// What the launcher does when the gateway raises an alert.
+    #[serde(default, skip_serializing_if = "is_continue")]
+    pub on_alert: crate::manifest::OnAlert,
+}
+
+fn is_continue(on_alert: &crate::manifest::OnAlert) -> bool {
+    *on_alert == crate::manifest::OnAlert::Continue
 }
 
 /// One loopback port in the bottle forwarded by the shim to a socket in the run dir.
@@ -407,6 +414,7 @@ pub fn plan(
         untrusted_manifests: None,
         forwards: Vec::new(),
         forge: None,
+        on_alert: composed.on_alert,
     })
 }
 
@@ -464,6 +472,12 @@ impl BottlePlan {
         }
         let audit = format!("{:?}", self.egress.audit_level()).to_lowercase();
         let _ = writeln!(out, "egress     default deny, audit {audit}");
+        if self.on_alert == crate::manifest::OnAlert::Freeze {
+            let _ = writeln!(
+                out,
+                "on alert   freeze: a DLP block, an exfiltration attempt or a denied approval stops the agent and freezes the bottle"
+            );
+        }
         if self.egress.rules.is_empty() {
             let _ = writeln!(out, "  (no rules: every request is blocked)");
         }

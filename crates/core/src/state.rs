@@ -246,6 +246,9 @@ pub struct Metadata {
     /// How many times an agent session ran in this bottle (1 after start).
     #[serde(default)]
     pub sessions: u32,
+    /// Why the bottle was frozen on an alert (`on_alert: freeze`), until it is resumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert: Option<String>,
 }
 
 /// One bottle's state directory.
@@ -375,6 +378,7 @@ mod tests {
             status: Status::Running,
             exit_code: None,
             sessions: 1,
+            alert: None,
         }
     }
 

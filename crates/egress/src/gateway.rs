@@ -208,6 +208,20 @@ pub(crate) struct Shared {
     blocks: std::sync::Mutex<[crate::audit::BlockLimiter; 2]>,
     /// Wakes [`GatewayHandle::failed`] when the gateway can no longer do its job.
     failure: tokio::sync::Notify,
+    /// The first alert (see [`is_alert`]), for [`GatewayHandle::alerted`].
+    alert: std::sync::OnceLock<String>,
+    alerted: tokio::sync::Notify,
+}
+
+/// Whether a decision is an alert, one a bottle with `on_alert: freeze` stops for: a
+/// block carrying DLP findings, a credential (or its placeholder) on its way to another
+/// host, or a held request a human (or the timeout) denied.
+#[must_use]
+pub fn is_alert(draft: &EventDraft) -> bool {
+    draft.decision == AuditDecision::Block
+        && (!draft.dlp.is_empty()
+            || draft.reason == "exfiltration-attempt"
+            || draft.reason.starts_with("approval-denied"))
 }
 
 impl Shared {
@@ -221,6 +235,21 @@ impl Shared {
     /// Writes an event if the audit level asks for it. Blocks and anything that is not
     /// a plain allowed request are always written.
     pub(crate) fn record(&self, draft: EventDraft) {
+        if is_alert(&draft) {
+            let first = self.alert.set(format!(
+                "{} {}{}",
+                draft.reason,
+                draft.host.as_deref().unwrap_or("-"),
+                draft
+                    .dlp
+                    .first()
+                    .map(|d| format!(" (DLP rule {})", d.rule))
+                    .unwrap_or_default()
+            ));
+            if first.is_ok() {
+                self.alerted.notify_waiters();
+            }
+        }
         // A detail on an allowed request marks something unusual (an unscanned body
         // remainder, a websocket, an upstream error): always worth a line.
         let always = draft.decision != AuditDecision::Allow
@@ -386,6 +415,8 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
             crate::audit::BlockLimiter::default(),
         ]),
         failure: tokio::sync::Notify::new(),
+        alert: std::sync::OnceLock::new(),
+        alerted: tokio::sync::Notify::new(),
     });
     let mut started = EventDraft::new(EventKind::Gateway, AuditDecision::Info, "gateway-started");
     started.detail = Some(format!(
@@ -580,6 +611,18 @@ impl GatewayHandle {
     #[must_use]
     pub fn policy(&self) -> Arc<EgressPolicy> {
         self.shared.policy()
+    }
+
+    /// Resolves with a short description of the first alert (a DLP block, an
+    /// exfiltration attempt, a denied approval); never when there is none.
+    pub async fn alerted(&self) -> String {
+        loop {
+            let notified = self.shared.alerted.notified();
+            if let Some(what) = self.shared.alert.get() {
+                return what.clone();
+            }
+            notified.await;
+        }
     }
 
     /// Resolves, with the reason, once the gateway can no longer do its job: its audit

@@ -195,6 +195,11 @@ impl SessionGateway {
         self.handle.failed().await
     }
 
+    /// Resolves with the first alert of the session (see `bot_bottle_egress::gateway`).
+    pub async fn alerted(&self) -> String {
+        self.handle.alerted().await
+    }
+
     /// Where the tripwire's reports go: the same audit log, the same hash chain.
     pub fn attempt_recorder(&self) -> bot_bottle_egress::AttemptRecorder {
         self.handle.attempt_recorder()

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use bot_bottle_core::manifest::{Catalog, ManifestError, Origin};
+use bot_bottle_core::manifest::{Catalog, ManifestError, OnAlert, Origin};
 use bot_bottle_core::plan::{
     BottlePlan, BottleSpec, GATEWAY_SOCKET, HostFacts, PlanError, Workspace, plan,
 };
@@ -42,6 +42,9 @@ pub mod exit_codes {
     pub const GATEWAY: i32 = 76;
     /// The user declined the preflight.
     pub const DECLINED: i32 = 75;
+    /// The gateway raised an alert and the bottle (`on_alert: freeze`) was stopped and
+    /// frozen.
+    pub const ALERT: i32 = 77;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,11 @@ pub enum RuntimeError {
         "egress gateway failed to start: {message}\nhint: check the bottle's egress policy; a bottle never runs without its gateway"
     )]
     Gateway { message: String },
+    /// The gateway raised an alert and the bottle was frozen (`on_alert: freeze`).
+    #[error(
+        "alert in `{slug}`: {alert}; the agent was stopped and the bottle frozen (on_alert: freeze)\nhint: inspect it with `bot-bottle audit {slug}`; `bot-bottle resume {slug}` continues it, `bot-bottle destroy {slug}` removes it"
+    )]
+    Alerted { slug: String, alert: String },
     /// The gateway stopped doing its job during a session; the bottle was stopped.
     #[error("the egress gateway failed during the session, so the bottle was stopped: {message}")]
     GatewayFailed { message: String },
@@ -131,6 +139,7 @@ impl RuntimeError {
             | Self::Sidecar { .. }
             | Self::SidecarFailed { .. } => exit_codes::GATEWAY,
             Self::Declined => exit_codes::DECLINED,
+            Self::Alerted { .. } => exit_codes::ALERT,
             // The shell convention for "killed by a signal": 128 + SIGTERM.
             Self::Interrupted { .. } => 143,
         }
@@ -730,6 +739,8 @@ pub async fn launch(
         status: Status::Created,
         exit_code: None,
         sessions: previous.as_ref().map_or(0, |p| p.sessions),
+        // A new session is a human's decision to go on after an alert.
+        alert: None,
     };
     bottle.write_metadata(&metadata)?;
     // A session is kept until `destroy` (so `freeze` and `resume` can follow it) unless
@@ -761,6 +772,11 @@ pub async fn launch(
             metadata.status = Status::Stopped;
             metadata.sessions += 1;
         }
+        Err(RuntimeError::Alerted { alert, .. }) => {
+            metadata.status = Status::Stopped;
+            metadata.sessions += 1;
+            metadata.alert = Some(alert.clone());
+        }
         Err(_) => metadata.status = Status::Failed,
     }
     bottle.write_metadata(&metadata)?;
@@ -785,6 +801,11 @@ pub async fn launch(
             (None, Some(message))
         }
     };
+    if let Err(RuntimeError::Alerted { .. }) = &result {
+        // Kept for forensics whatever `--rm` said: files, the agent's session, the audit.
+        bottle.mark_preserved()?;
+        freeze(&options.home, &slug, progress).await?;
+    }
     let exit_code = result?;
     // `--rm`, or a bottle someone else marked to keep: never remove what is preserved.
     if !bottle.is_preserved() {
@@ -1352,6 +1373,11 @@ async fn attach_session(
             let _ = engine.stop(&container_id).await;
             Err(RuntimeError::SidecarFailed { message: failure })
         }
+        alert = gateway.alerted(), if plan.on_alert == OnAlert::Freeze => {
+            progress.step(&format!("alert: {alert}; stopping the agent and freezing {}", bottle.slug()));
+            let _ = engine.stop(&container_id).await;
+            Err(RuntimeError::Alerted { slug: bottle.slug().to_owned(), alert })
+        }
         signal = interrupted() => {
             // The bottle must not outlive its gateway: stop it, then keep the state and
             // the audit log so the session can be inspected or resumed.
@@ -1547,6 +1573,9 @@ pub async fn destroy(home: &Home, slug: &str, progress: &Progress) -> Result<(),
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PsRow {
     pub slug: String,
+    /// Why an alert froze it (`on_alert: freeze`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alert: Option<String>,
     pub agent: String,
     pub bottles: Vec<String>,
     pub backend: String,
@@ -1582,6 +1611,7 @@ pub async fn ps(home: &Home) -> Result<Vec<PsRow>, RuntimeError> {
             backend: m.backend,
             created_at: m.created_at,
             exit_code: m.exit_code,
+            alert: m.alert,
         })
         .collect())
 }

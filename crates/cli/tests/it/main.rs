@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step is a failed test
 
 mod agents;
+mod alert;
 mod api;
 mod audit_log;
 
