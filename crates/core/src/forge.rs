@@ -18,6 +18,10 @@ use crate::provider::{AGENT_HOME, ProvisionedFile};
 pub const FORGE_PORT: u16 = 3129;
 /// The forge sidecar's socket in `state/<slug>/run/`.
 pub const FORGE_SOCKET: &str = "forge.sock";
+/// The loopback port in the bottle that the shim forwards to the supervise sidecar.
+pub const SUPERVISE_PORT: u16 = 3130;
+/// The supervise sidecar's socket in `state/<slug>/run/`.
+pub const SUPERVISE_SOCKET: &str = "supervise.sock";
 /// Where the sidecar serves MCP (streamable HTTP).
 pub const MCP_PATH: &str = "/mcp";
 /// The name the agent's MCP client knows the sidecar by (claude calls its tools

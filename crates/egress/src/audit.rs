@@ -125,6 +125,9 @@ pub enum EventKind {
     /// log): `reason` is the tool, `path` its target (`#17`, or the branch of a new pull
     /// request), `status` the forge's HTTP status when known.
     Forge,
+    /// One call of the supervise sidecar's tools, in the gateway's own log: `reason` is
+    /// the tool, `host` the host an egress request names, `detail` what the human decided.
+    Supervise,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

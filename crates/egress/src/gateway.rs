@@ -452,6 +452,37 @@ async fn held_back_blocks(shared: Arc<Shared>) {
     }
 }
 
+/// Writes other host-side events (the supervise sidecar's calls) into the gateway's audit
+/// log, in the same hash chain as its own decisions.
+#[derive(Clone)]
+pub struct EventRecorder {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for EventRecorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventRecorder").finish_non_exhaustive()
+    }
+}
+
+impl EventRecorder {
+    /// Appends `draft` (blocks are rate limited like the gateway's own). Fails when the
+    /// log can no longer be written; the gateway has failed then, too.
+    ///
+    /// # Errors
+    /// The audit log cannot be written.
+    pub fn record(&self, draft: EventDraft) -> Result<(), String> {
+        if let Some(why) = self.shared.audit_failure.get() {
+            return Err(why.clone());
+        }
+        self.shared.record(draft);
+        match self.shared.audit_failure.get() {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Writes the tripwire's attempts into the gateway's audit log, in the same hash chain as
 /// its own decisions. A failed write fails the gateway as any other audit failure does.
 #[derive(Clone)]
@@ -597,6 +628,14 @@ impl GatewayHandle {
                     .map(|var| (var.clone(), c.placeholder().to_string()))
             })
             .collect()
+    }
+
+    /// Records other host-side events (the supervise sidecar's) in this log's chain.
+    #[must_use]
+    pub fn event_recorder(&self) -> EventRecorder {
+        EventRecorder {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Records what the tripwire caught; it stays usable while the handle moves on.

@@ -41,8 +41,8 @@ pub const CA_ENV_VARS: &[&str] = &[
 ];
 
 pub use gateway::{
-    AttemptRecorder, BLOCK_HEADER, ERROR_HEADER, GatewayConfig, GatewayError, GatewayHandle,
-    Limits, Listen, OverCap, start,
+    AttemptRecorder, BLOCK_HEADER, ERROR_HEADER, EventRecorder, GatewayConfig, GatewayError,
+    GatewayHandle, Limits, Listen, OverCap, start,
 };
 
 /// A small deterministic xorshift generator for the fuzz loops of the unit tests: no

@@ -149,7 +149,10 @@ pub fn tally_reader<R: BufRead>(
                 summary.direct += 1;
                 continue;
             }
-            EventKind::PolicyUpdate | EventKind::Gateway | EventKind::Forge => continue,
+            EventKind::PolicyUpdate
+            | EventKind::Gateway
+            | EventKind::Forge
+            | EventKind::Supervise => continue,
         }
         if event.held_back > 0 {
             // A summary of blocks not written one by one: counted in `held` above.

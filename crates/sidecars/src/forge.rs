@@ -47,6 +47,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::mcp::bind;
 use crate::queue::{self, DoneStatus, QueueEvent};
 use crate::{FORGE_PORT, MCP_PATH};
 
@@ -99,16 +100,16 @@ impl std::fmt::Debug for ForgeContext {
     }
 }
 
-/// Why the forge sidecar could not start.
+/// Why a sidecar could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
     #[error("the forge context is not usable: {problem}\nhint: {hint}")]
     Context { problem: String, hint: &'static str },
     #[error(
-        "the forge sidecar socket `{path}` is in use by a running server\nhint: another bot-bottle process serves this bottle; stop it, or remove the socket if it is stale"
+        "the sidecar socket `{path}` is in use by a running server\nhint: another bot-bottle process serves this bottle; stop it, or remove the socket if it is stale"
     )]
     SocketInUse { path: PathBuf },
-    #[error("cannot bind the forge sidecar socket `{path}`")]
+    #[error("cannot bind the sidecar socket `{path}`")]
     Bind {
         path: PathBuf,
         #[source]
@@ -328,32 +329,6 @@ fn check_context(ctx: &ForgeContext) -> Result<(), SidecarError> {
         }),
         None => Ok(()),
     }
-}
-
-async fn bind(socket: &Path) -> Result<tokio::net::UnixListener, SidecarError> {
-    let bind_err = |source| SidecarError::Bind {
-        path: socket.to_path_buf(),
-        source,
-    };
-    if std::fs::symlink_metadata(socket).is_ok() {
-        if tokio::net::UnixStream::connect(socket).await.is_ok() {
-            return Err(SidecarError::SocketInUse {
-                path: socket.to_path_buf(),
-            });
-        }
-        std::fs::remove_file(socket).map_err(bind_err)?;
-    }
-    if let Some(parent) = socket.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(bind_err)?;
-    }
-    let listener = tokio::net::UnixListener::bind(socket).map_err(bind_err)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))
-            .map_err(bind_err)?;
-    }
-    Ok(listener)
 }
 
 /// The state every call shares.

@@ -14,7 +14,9 @@
 pub mod approvals;
 pub mod client;
 pub mod forge;
+mod mcp;
 pub mod queue;
+pub mod supervise;
 
 pub use forge::{ForgeContext, ForgeSidecar, SidecarError};
 

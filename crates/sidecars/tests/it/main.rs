@@ -6,4 +6,5 @@ mod disk_full;
 mod gitea;
 mod happy;
 mod hostile;
+mod supervise;
 mod support;
