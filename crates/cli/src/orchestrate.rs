@@ -87,18 +87,23 @@ pub struct ConfigArgs {
 #[derive(Debug, Subcommand)]
 pub enum ToolAction {
     /// Call a forge sidecar tool: `tool forge signal_done '{"status":"done","summary":"…"}'`
-    Forge {
-        /// The tool (omit with --list)
-        tool: Option<String>,
-        /// Its arguments as a JSON object (default `{}`)
-        arguments: Option<String>,
-        /// List the tools and their arguments
-        #[arg(long)]
-        list: bool,
-        /// The sidecar's URL (default $BOT_BOTTLE_FORGE_URL)
-        #[arg(long)]
-        url: Option<String>,
-    },
+    Forge(ToolCall),
+    /// Call a supervise sidecar tool: `tool supervise ask_human '{"question":"…"}'`
+    Supervise(ToolCall),
+}
+
+#[derive(Debug, Args)]
+pub struct ToolCall {
+    /// The tool (omit with --list)
+    tool: Option<String>,
+    /// Its arguments as a JSON object (default `{}`)
+    arguments: Option<String>,
+    /// List the tools and their arguments
+    #[arg(long)]
+    list: bool,
+    /// The sidecar's URL (default $BOT_BOTTLE_FORGE_URL or $BOT_BOTTLE_SUPERVISE_URL)
+    #[arg(long)]
+    url: Option<String>,
 }
 
 fn failure(err: OrchestratorError) -> Failure {
@@ -331,18 +336,32 @@ fn report(orchestrator: &Orchestrator, slug: &str, json: bool) -> Result<i32, Fa
 }
 
 pub async fn tool(action: ToolAction) -> Result<i32, Failure> {
-    let ToolAction::Forge {
+    let (sidecar, variable, hint, call) = match action {
+        ToolAction::Forge(call) => (
+            "forge",
+            "BOT_BOTTLE_FORGE_URL",
+            "the forge tools exist only inside a bottle started by the orchestrator; pass --url to name one",
+            call,
+        ),
+        ToolAction::Supervise(call) => (
+            "supervise",
+            "BOT_BOTTLE_SUPERVISE_URL",
+            "the supervise tools exist only inside a bottle whose manifest sets `supervise: true`; pass --url to name one",
+            call,
+        ),
+    };
+    let ToolCall {
         tool,
         arguments,
         list,
         url,
-    } = action;
+    } = call;
     let url = url
-        .or_else(|| std::env::var("BOT_BOTTLE_FORGE_URL").ok())
+        .or_else(|| std::env::var(variable).ok())
         .ok_or_else(|| {
             crate::usage(
-                "no forge sidecar here: `BOT_BOTTLE_FORGE_URL` is not set",
-                "the forge tools exist only inside a bottle started by the orchestrator; pass --url to name one",
+                &format!("no {sidecar} sidecar here: `{variable}` is not set"),
+                hint,
             )
         })?;
     let tool_error = |err: bot_bottle_sidecars::client::ClientError| Failure {
@@ -359,7 +378,7 @@ pub async fn tool(action: ToolAction) -> Result<i32, Failure> {
     let Some(tool) = tool else {
         return Err(crate::usage(
             "name the tool to call",
-            "e.g. `bot-bottle tool forge read_issue '{\"number\": 1}'`; `--list` lists them",
+            &format!("e.g. `bot-bottle tool {sidecar} TOOL '{{…}}'`; `--list` lists them"),
         ));
     };
     let arguments: serde_json::Value = match arguments {

@@ -127,6 +127,80 @@ pub fn instructions(forge: &ForgeAttach, provider: ProviderKind) -> String {
 }
 
 impl BottlePlan {
+    /// Registers the MCP server `name`, served in the bottle on `127.0.0.1:port`, with
+    /// the agent's MCP client: claude through one `--mcp-config` file listing every
+    /// server, codex in its `config.toml`. pi and `command` agents have no MCP client and
+    /// use `bot-bottle tool` instead.
+    pub fn register_mcp(&mut self, name: &str, port: u16) {
+        let url = format!("http://127.0.0.1:{port}{MCP_PATH}");
+        match self.provider {
+            ProviderKind::Claude => {
+                // Otherwise claude defers MCP tools behind its ToolSearch tool, and the
+                // model first has to find them by searching.
+                self.env
+                    .insert("ENABLE_TOOL_SEARCH".to_owned(), "false".to_owned());
+                let path = format!("{AGENT_HOME}/{CLAUDE_MCP_CONFIG}");
+                let entry = serde_json::json!({ "type": "http", "url": url });
+                if let Some(file) = self.files.iter_mut().find(|f| f.path == path) {
+                    let mut config: serde_json::Value =
+                        serde_json::from_str(&file.contents).unwrap_or_default();
+                    config["mcpServers"][name] = entry;
+                    file.contents = format!("{config:#}\n");
+                } else {
+                    let config = serde_json::json!({ "mcpServers": { name: entry } });
+                    self.files.push(ProvisionedFile {
+                        path: path.clone(),
+                        contents: format!("{config:#}\n"),
+                    });
+                    // `--mcp-config` takes several values; the `=` form keeps it to one.
+                    let at = usize::from(!self.argv.is_empty());
+                    self.argv.insert(at, format!("--mcp-config={path}"));
+                }
+            }
+            ProviderKind::Codex => {
+                if let Some(file) = self
+                    .files
+                    .iter_mut()
+                    .find(|file| file.path.ends_with("/.codex/config.toml"))
+                {
+                    let _ = write!(file.contents, "\n[mcp_servers.{name}]\nurl = \"{url}\"\n");
+                }
+            }
+            ProviderKind::Pi | ProviderKind::Command => {}
+        }
+    }
+
+    /// Adds the supervise sidecar: forwarded from `127.0.0.1:3130` to
+    /// `run/supervise.sock`, registered with the agent's MCP client, and named in the
+    /// instructions.
+    pub fn attach_supervise(&mut self) {
+        self.forwards.push(crate::plan::Forward {
+            port: SUPERVISE_PORT,
+            socket: format!("{BOTTLE_RUN_DIR}/{SUPERVISE_SOCKET}"),
+        });
+        self.env.insert(
+            "BOT_BOTTLE_SUPERVISE_URL".to_owned(),
+            format!("http://127.0.0.1:{SUPERVISE_PORT}{MCP_PATH}"),
+        );
+        self.register_mcp("supervise", SUPERVISE_PORT);
+        let how = match self.provider {
+            ProviderKind::Claude | ProviderKind::Codex => "the MCP server `supervise`".to_owned(),
+            ProviderKind::Pi | ProviderKind::Command => format!(
+                "`{BOTTLE_SHIM_PATH} tool supervise TOOL 'JSON'` (e.g. `{BOTTLE_SHIM_PATH} tool supervise request_egress '{{\"host\":\"docs.example.org\",\"reason\":\"…\"}}'`)"
+            ),
+        };
+        let note = format!(
+            "# Asking a human\n\nWhen a request is refused because no egress rule allows it, do not work around it: ask with request_egress (host, reason), and wait for the answer. ask_human asks a question; current_policy says what you may reach now. These tools are {how}."
+        );
+        if let Some(file) = self.files.first_mut() {
+            if !file.contents.is_empty() {
+                file.contents.push_str("\n\n");
+            }
+            file.contents.push_str(&note);
+        }
+        self.supervise = true;
+    }
+
     /// Adds a forge run to the plan: the git rule and the token for the forge host, the
     /// sidecar's forward, its MCP registration, the environment and the instructions.
     pub fn attach_forge(&mut self, forge: &ForgeAttach) {
@@ -169,38 +243,7 @@ impl BottlePlan {
             }
             file.contents.push_str(&extra);
         }
-        match self.provider {
-            ProviderKind::Claude => {
-                // Otherwise claude defers MCP tools behind its ToolSearch tool, and the
-                // model first has to find the forge tools by searching for them.
-                self.env
-                    .insert("ENABLE_TOOL_SEARCH".to_owned(), "false".to_owned());
-                let path = format!("{AGENT_HOME}/{CLAUDE_MCP_CONFIG}");
-                let config = serde_json::json!({
-                    "mcpServers": { MCP_SERVER_NAME: { "type": "http", "url": url } }
-                });
-                self.files.push(ProvisionedFile {
-                    path: path.clone(),
-                    contents: format!("{config:#}\n"),
-                });
-                // `--mcp-config` takes several values; the `=` form keeps it to one.
-                let at = usize::from(!self.argv.is_empty());
-                self.argv.insert(at, format!("--mcp-config={path}"));
-            }
-            ProviderKind::Codex => {
-                if let Some(file) = self
-                    .files
-                    .iter_mut()
-                    .find(|file| file.path.ends_with("/.codex/config.toml"))
-                {
-                    let _ = write!(
-                        file.contents,
-                        "\n[mcp_servers.{MCP_SERVER_NAME}]\nurl = \"{url}\"\n"
-                    );
-                }
-            }
-            ProviderKind::Pi | ProviderKind::Command => {}
-        }
+        self.register_mcp(MCP_SERVER_NAME, FORGE_PORT);
         self.forge = Some(ForgePlan {
             repo: forge.repo.clone(),
             issue: forge.issue,
@@ -368,6 +411,44 @@ mod tests {
         assert!(
             !api.is_allow(),
             "the agent never reaches the forge API: {api:?}"
+        );
+    }
+
+    #[test]
+    fn supervise_and_forge_share_one_claude_mcp_config() {
+        let mut plan = plan_for(ProviderKind::Claude);
+        plan.attach_supervise();
+        plan.attach_forge(&attach());
+        let flags = plan
+            .argv
+            .iter()
+            .filter(|a| a.starts_with("--mcp-config"))
+            .count();
+        assert_eq!(flags, 1, "{:?}", plan.argv);
+        let config = plan
+            .files
+            .iter()
+            .find(|f| f.path.ends_with("mcp.json"))
+            .expect("mcp config");
+        let json: serde_json::Value = serde_json::from_str(&config.contents).expect("json");
+        assert_eq!(
+            json["mcpServers"]["supervise"]["url"],
+            "http://127.0.0.1:3130/mcp"
+        );
+        assert_eq!(
+            json["mcpServers"]["forge"]["url"],
+            "http://127.0.0.1:3129/mcp"
+        );
+        assert!(plan.supervise);
+        assert_eq!(plan.forwards.len(), 2);
+        assert!(plan.files[0].contents.contains("request_egress"));
+        assert!(plan.render().contains("supervise  request_egress"));
+        let mut plan = plan_for(ProviderKind::Command);
+        plan.attach_supervise();
+        assert!(
+            plan.files[0]
+                .contents
+                .contains("tool supervise request_egress")
         );
     }
 }

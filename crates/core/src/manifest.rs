@@ -165,6 +165,10 @@ pub struct BottleFrontMatter {
     /// attempt, a denied approval).
     #[serde(default)]
     pub on_alert: Option<OnAlert>,
+    /// Give the agent the supervise sidecar (`request_egress`, `ask_human`,
+    /// `current_policy`).
+    #[serde(default)]
+    pub supervise: Option<bool>,
 }
 
 /// What a bottle does on an alert.
@@ -565,6 +569,8 @@ pub struct ComposedBottle {
     pub notes: Vec<String>,
     /// The last bottle's `on_alert` wins.
     pub on_alert: OnAlert,
+    /// The last bottle's `supervise` wins.
+    pub supervise: bool,
 }
 
 #[must_use]
@@ -601,6 +607,9 @@ pub fn compose(bottles: &[&BottleManifest]) -> ComposedBottle {
         }
         if let Some(on_alert) = front.on_alert {
             out.on_alert = on_alert;
+        }
+        if let Some(supervise) = front.supervise {
+            out.supervise = supervise;
         }
     }
     out

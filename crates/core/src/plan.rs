@@ -147,6 +147,9 @@ pub struct BottlePlan {
     /// What the launcher does when the gateway raises an alert.
     #[serde(default, skip_serializing_if = "is_continue")]
     pub on_alert: crate::manifest::OnAlert,
+    /// The supervise sidecar runs beside the bottle (see [`BottlePlan::attach_supervise`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub supervise: bool,
 }
 
 fn is_continue(on_alert: &crate::manifest::OnAlert) -> bool {
@@ -380,7 +383,7 @@ pub fn plan(
         });
     }
 
-    Ok(BottlePlan {
+    let mut plan = BottlePlan {
         identity: spec.identity.clone(),
         label: spec.label.clone().unwrap_or_else(|| agent.name.clone()),
         color: spec.color.clone(),
@@ -415,7 +418,12 @@ pub fn plan(
         forwards: Vec::new(),
         forge: None,
         on_alert: composed.on_alert,
-    })
+        supervise: false,
+    };
+    if composed.supervise {
+        plan.attach_supervise();
+    }
+    Ok(plan)
 }
 
 impl BottlePlan {
@@ -472,6 +480,13 @@ impl BottlePlan {
         }
         let audit = format!("{:?}", self.egress.audit_level()).to_lowercase();
         let _ = writeln!(out, "egress     default deny, audit {audit}");
+        if self.supervise {
+            let _ = writeln!(
+                out,
+                "supervise  request_egress, ask_human, current_policy (127.0.0.1:{}); decided with `bot-bottle approvals`",
+                crate::forge::SUPERVISE_PORT
+            );
+        }
         if self.on_alert == crate::manifest::OnAlert::Freeze {
             let _ = writeln!(
                 out,

@@ -225,6 +225,24 @@ pub fn is_alert(draft: &EventDraft) -> bool {
 }
 
 impl Shared {
+    /// Replaces the policy in force (validated), with a `policy-updated` line.
+    fn update_policy(&self, policy: EgressPolicy) -> Result<(), GatewayError> {
+        policy.validate()?;
+        let summary = policy_summary(&policy);
+        *self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
+        let mut event = EventDraft::new(
+            EventKind::PolicyUpdate,
+            AuditDecision::Info,
+            "policy-updated",
+        );
+        event.detail = Some(summary);
+        self.audit.append(event)?;
+        Ok(())
+    }
+
     pub(crate) fn policy(&self) -> Arc<EgressPolicy> {
         self.policy
             .read()
@@ -452,8 +470,9 @@ async fn held_back_blocks(shared: Arc<Shared>) {
     }
 }
 
-/// Writes other host-side events (the supervise sidecar's calls) into the gateway's audit
-/// log, in the same hash chain as its own decisions.
+/// What a host-side sidecar (the supervise sidecar) may do with the running gateway:
+/// write events into its audit log, in the same hash chain as its own decisions, and read
+/// and replace its policy.
 #[derive(Clone)]
 pub struct EventRecorder {
     shared: Arc<Shared>,
@@ -466,6 +485,20 @@ impl std::fmt::Debug for EventRecorder {
 }
 
 impl EventRecorder {
+    /// The policy in force.
+    #[must_use]
+    pub fn policy(&self) -> Arc<EgressPolicy> {
+        self.shared.policy()
+    }
+
+    /// Replaces the policy in force, as [`GatewayHandle::update_policy`] does.
+    ///
+    /// # Errors
+    /// An invalid policy, or an audit log that cannot be written.
+    pub fn update_policy(&self, policy: EgressPolicy) -> Result<(), GatewayError> {
+        self.shared.update_policy(policy)
+    }
+
     /// Appends `draft` (blocks are rate limited like the gateway's own). Fails when the
     /// log can no longer be written; the gateway has failed then, too.
     ///
@@ -581,21 +614,7 @@ impl GatewayHandle {
     /// # Errors
     /// The new policy is invalid; the old one stays in force.
     pub fn update_policy(&self, policy: EgressPolicy) -> Result<(), GatewayError> {
-        policy.validate()?;
-        let summary = policy_summary(&policy);
-        *self
-            .shared
-            .policy
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
-        let mut event = EventDraft::new(
-            EventKind::PolicyUpdate,
-            AuditDecision::Info,
-            "policy-updated",
-        );
-        event.detail = Some(summary);
-        self.shared.audit.append(event)?;
-        Ok(())
+        self.shared.update_policy(policy)
     }
 
     /// The CA certificate (PEM) the bottle must trust; its key never leaves the host.

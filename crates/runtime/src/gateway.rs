@@ -195,6 +195,11 @@ impl SessionGateway {
         self.handle.failed().await
     }
 
+    /// What a host-side sidecar may do with the gateway (events, policy).
+    pub fn event_recorder(&self) -> bot_bottle_egress::EventRecorder {
+        self.handle.event_recorder()
+    }
+
     /// Resolves with the first alert of the session (see `bot_bottle_egress::gateway`).
     pub async fn alerted(&self) -> String {
         self.handle.alerted().await

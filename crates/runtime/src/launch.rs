@@ -715,6 +715,12 @@ pub async fn launch(
         plan.attach_forge(&forge.attach(&slug));
     }
     let bottle = options.home.bottle(&slug)?;
+    // What a human allowed for good in earlier sessions.
+    for rule in crate::supervise::approved_rules(&bottle)? {
+        if !plan.egress.rules.contains(&rule) {
+            plan.egress.rules.push(rule);
+        }
+    }
     bottle.create()?;
     let previous = bottle.read_metadata()?;
     if previous.is_none() {
@@ -1206,6 +1212,19 @@ async fn run_with_sidecar(
             return Err(err);
         }
     };
+    let supervise = if plan.supervise {
+        match crate::supervise::start(options.home.root(), bottle, gateway.event_recorder()).await {
+            Ok(sidecar) => Some(sidecar),
+            Err(err) => {
+                let _ = engine.remove_container(&container_id).await;
+                remove_tripwire(engine, tripwire_id.as_deref()).await;
+                gateway.shutdown().await;
+                return Err(err);
+            }
+        }
+    } else {
+        None
+    };
     let mut reports = None;
     if let Some((id, listener)) = tripwire {
         tracing::debug!("gateway serving");
@@ -1241,6 +1260,9 @@ async fn run_with_sidecar(
         reports.finish().await;
     }
     tracing::debug!("tripwire finished");
+    if let Some(supervise) = supervise {
+        supervise.shutdown().await;
+    }
     gateway.shutdown().await;
     tracing::debug!("gateway stopped");
     let code = session?;

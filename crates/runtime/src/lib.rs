@@ -13,6 +13,7 @@ pub mod launch;
 pub mod progress;
 pub mod provenance;
 pub mod shim;
+pub mod supervise;
 pub mod terminal;
 pub mod tripwire;
 

@@ -19,3 +19,4 @@ mod forge;
 mod interactive;
 mod lifecycle;
 mod provenance;
+mod supervise;
